@@ -1,0 +1,316 @@
+"""The herd with real worker processes and real sockets: dispatch, supervision, stop."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import trioherd
+from conftest import (
+    address_of,
+    connect,
+    open_fds,
+    open_herd,
+    receive_all,
+    receive_until,
+    wait_until,
+)
+
+
+async def pid_of_new_connection(herd: trioherd.Herd) -> int:
+    stream = await connect(herd)
+    async with stream:
+        return int((await receive_until(stream, b"\n")).split(b"\n")[0])
+
+
+async def test_round_robin_gives_each_worker_the_same_share() -> None:
+    async with open_herd(app="apps.raw:whoami", workers=4) as herd:
+        pids = {worker.pid for worker in herd.workers}
+        counts = collections.Counter([await pid_of_new_connection(herd) for _ in range(400)])
+        assert set(counts) == pids
+        assert list(counts.values()) == [100, 100, 100, 100]
+
+
+async def test_least_busy_skips_the_worker_holding_long_connections() -> None:
+    async with open_herd(app="apps.raw:echo", workers=1, dispatch="least-busy") as herd:
+        (busy,) = herd.workers
+        held = [await connect(herd) for _ in range(50)]
+        for stream in held:
+            assert int(await receive_until(stream, b"\n")) == busy.pid
+        await herd.scale(3)
+        assert wait_until(lambda: busy.open_connections == 50, 5)
+        others = {w.pid for w in herd.workers} - {busy.pid}
+        assert len(others) == 2
+        seen = collections.Counter()
+        for _ in range(40):
+            stream = await connect(herd)
+            async with stream:
+                seen[int(await receive_until(stream, b"\n"))] += 1
+        assert busy.pid not in seen
+        assert set(seen) == others
+        for stream in held:
+            await stream.aclose()
+
+
+async def test_kill_9_of_a_worker_spares_other_clients_and_respawns_the_slot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioherd")
+    async with open_herd(app="apps.raw:echo", workers=2) as herd:
+        streams = [await connect(herd) for _ in range(4)]
+        owner = [int(await receive_until(s, b"\n")) for s in streams]
+        victim = herd.workers[0]
+        victim_slot = victim.slot.index
+        os.kill(victim.pid, signal.SIGKILL)
+        with trio.fail_after(30):
+            while not any(
+                w.slot.index == victim_slot and w.pid != victim.pid and w.state == "ready"
+                for w in herd.workers
+            ):
+                await trio.sleep(0.05)
+        for stream, pid in zip(streams, owner, strict=True):
+            if pid == victim.pid:
+                assert await receive_all(stream) == b""  # its own clients lost it
+            else:
+                await stream.send_all(b"still there?")
+                assert await receive_until(stream, b"there?") == b"still there?"
+            await stream.aclose()
+        assert f"pid {victim.pid}) in slot {victim_slot} died: killed by SIGKILL" in caplog.text
+        assert "respawning slot" in caplog.text
+        new_pid = next(w.pid for w in herd.workers if w.slot.index == victim_slot)
+        assert new_pid in {await pid_of_new_connection(herd) for _ in range(4)}
+
+
+async def test_graceful_stop_lets_an_exchange_finish_and_workers_exit_0() -> None:
+    exits: list[trioherd.HerdEvent] = []
+    async with open_herd(app="apps.raw:slow_reply", workers=2) as herd:
+        events = herd.events()
+        stream = await connect(herd)
+        await receive_until(stream, b"\n")
+        await stream.send_all(b"question")
+        await trio.sleep(0.2)  # the handler is now inside its one-second answer
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(herd.stop)
+            assert await receive_until(stream, b"question") == b"done:question"
+        await stream.aclose()
+        async for event in events:
+            if event.kind == "exit":
+                exits.append(event)
+                if len(exits) == 2:
+                    break
+    assert [(e.exit_code, e.requested) for e in exits] == [(0, True), (0, True)]
+
+
+async def test_stop_with_a_handler_that_never_finishes_ends_within_the_grace() -> None:
+    async with open_herd(app="apps.raw:never_finish", workers=1, graceful_timeout=1.0) as herd:
+        stream = await connect(herd)
+        await receive_until(stream, b"\n")
+        started = time.monotonic()
+        await herd.stop()
+        took = time.monotonic() - started
+        await stream.aclose()
+    assert took < 1.0 + 10  # grace + a generous margin; without the deadline: forever
+
+
+def test_cli_graceful_stop_mid_exchange_exits_0(cli_herd: Any) -> None:
+    herd = cli_herd("apps.raw:slow_reply", "--workers", "2")
+    url = herd.wait_ready()
+    port = int(url.rsplit(":", 1)[1])
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.recv(100)
+        sock.sendall(b"question")
+        time.sleep(0.2)
+        herd.process.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := sock.recv(100):
+            answer += chunk
+    assert answer == b"done:question"
+    assert herd.process.wait(30) == 0
+
+
+def test_sigkill_of_the_primary_leaves_no_worker(cli_herd: Any) -> None:
+    herd = cli_herd("apps.raw:echo", "--workers", "3")
+    herd.wait_ready()
+    import json
+
+    status = json.loads(herd.control("status", "--json").stdout)
+    pids = [w["pid"] for w in status["workers"]]
+    assert len(pids) == 3
+    herd.process.kill()
+    herd.process.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as file:
+                return file.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except OSError:
+            return True
+
+    assert wait_until(lambda: all(gone(pid) for pid in pids), 2.0)
+
+
+def test_app_that_raises_at_import_makes_serve_exit_3(cli_herd: Any) -> None:
+    herd = cli_herd("apps.broken:app", "--workers", "2")
+    assert herd.process.wait(60) == 3
+    assert "RuntimeError: this app cannot boot: database password missing" in herd.stderr
+    assert "listening on" not in herd.stderr
+
+
+async def test_primary_fd_count_returns_to_start_after_1000_connections() -> None:
+    async with open_herd(app="apps.raw:whoami", workers=2) as herd:
+        host, port = address_of(herd)
+        await pid_of_new_connection(herd)  # warm up: lazily opened fds are not leaks
+        before = len(open_fds())
+
+        async def client(count: int) -> None:
+            for _ in range(count):
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await receive_until(stream, b"\n")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(client, 100)
+        with trio.fail_after(10):
+            while len(open_fds()) > before:
+                await trio.sleep(0.05)
+        assert sum(w.dispatched for w in herd.workers) >= 1000
+        with trio.fail_after(10):
+            while any(w.open_connections for w in herd.workers):
+                await trio.sleep(0.05)
+
+
+MALFORMED_PACKETS = [
+    b"not json at all",
+    b"\xff\xfe\x00garbage",
+    b"[1, 2, 3]",
+    b'{"t": "no-such-type"}',
+    b'{"t": "closed"}',
+    b'{"t": "closed", "n": "seven"}',
+    b'{"t": "conn", "l": 0}',
+    b'{"t": "beat", "stats": []}',
+]
+
+
+@pytest.mark.parametrize("packet", MALFORMED_PACKETS)
+async def test_malformed_packet_from_a_worker_recycles_it_and_serving_goes_on(
+    packet: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioherd")
+    async with open_herd(app="apps.raw:inject", workers=2) as herd:
+        stream = await connect(herd)
+        culprit = int(await receive_until(stream, b"\n"))
+        await stream.send_all(packet.hex().encode() + b"\n")
+        await receive_all(stream)
+        await stream.aclose()
+        with trio.fail_after(30):
+            while culprit in {w.pid for w in herd.workers} or len(herd.workers) != 2:
+                await trio.sleep(0.05)
+            while not all(w.state == "ready" for w in herd.workers):
+                await trio.sleep(0.05)
+        assert "sent a malformed message" in caplog.text
+        for _ in range(4):
+            assert await pid_of_new_connection(herd) in {w.pid for w in herd.workers}
+
+
+async def test_events_messages_and_worker_identity() -> None:
+    async with open_herd(app="apps.raw:tally", workers=2) as herd:
+        messages = herd.messages()
+        pids = [await pid_of_new_connection(herd) for _ in range(4)]
+        seen = []
+        with trio.fail_after(10):
+            async for event in messages:
+                assert event.kind == "message"
+                assert event.data == {"pid": event.pid, "hello": True}
+                seen.append(event.pid)
+                if len(seen) == 4:
+                    break
+        assert sorted(seen) == sorted(pids)
+        events = herd.events()
+        victim = herd.workers[0]
+        victim.process.kill()
+        kinds = []
+        with trio.fail_after(30):
+            async for event in events:
+                kinds.append((event.kind, event.pid == victim.pid))
+                if event.kind == "ready":
+                    break
+        assert kinds[0] == ("exit", True)
+        assert ("online", False) in kinds
+    assert trioherd.current_worker() is None
+
+
+async def test_unix_socket_listener(tmp_path: Path) -> None:
+    path = str(tmp_path / "herd.sock")
+    async with open_herd(app="apps.raw:whoami", workers=2, bind=[], uds=[path]) as herd:
+        assert herd.addresses == [f"http+unix:{path}"]
+        pids = set()
+        for _ in range(4):
+            stream = await trio.open_unix_socket(path)
+            async with stream:
+                pids.add(int(await receive_until(stream, b"\n")))
+        assert pids == {w.pid for w in herd.workers}
+    assert not os.path.exists(path)
+
+
+async def test_shared_dispatch_workers_accept_themselves() -> None:
+    async with open_herd(app="apps.raw:whoami", workers=2, dispatch="shared") as herd:
+        pids = {await pid_of_new_connection(herd) for _ in range(50)}
+        assert pids <= {w.pid for w in herd.workers}
+        assert pids
+
+
+def test_inherited_fd_listener(cli_herd: Any, tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{Path(__file__).parent}:{Path(__file__).parent.parent}"
+    env["LISTEN_FDS"] = "1"
+    # systemd socket activation: the fd is 3 and LISTEN_PID names the server's pid; a tiny
+    # launcher does what systemd does (dup to fd 3, set LISTEN_PID, exec the server)
+    launcher = (
+        f"import os, sys; os.dup2({listener.fileno()}, 3); os.close({listener.fileno()}); "
+        "os.environ['LISTEN_PID'] = str(os.getpid()); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'trioherd', 'serve', "
+        f"'apps.raw:whoami', '--workers', '2', '--name', '{os.urandom(4).hex()}'])"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", launcher],
+        pass_fds=[listener.fileno()],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()
+    try:
+        assert process.stderr is not None
+        seen = [process.stderr.readline()]
+        while seen[-1] and "listening on" not in seen[-1]:
+            seen.append(process.stderr.readline())
+        assert seen[-1].strip() == f"trioherd: listening on http://127.0.0.1:{port}", seen
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            assert int(sock.recv(100).strip()) > 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

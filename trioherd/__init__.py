@@ -1,0 +1,52 @@
+"""trioherd: a Trio process herd.
+
+One primary process supervises worker processes, accepts connections and hands each one to
+a worker by fd passing (SCM_RIGHTS); the workers serve HTTP/1.1 with h11, optionally over
+TLS. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from ._app import Headers as Headers
+from ._app import Request as Request
+from ._app import Response as Response
+from ._app import stream_handler as stream_handler
+from ._cli import run as run
+from ._config import Config as Config
+from ._errors import ConfigError as ConfigError
+from ._errors import IPCProtocolError as IPCProtocolError
+from ._errors import TrioherdError as TrioherdError
+from ._errors import WorkerBootError as WorkerBootError
+from ._primary import Herd as Herd
+from ._primary import HerdEvent as HerdEvent
+from ._primary import ReloadError as ReloadError
+from ._primary import Worker as Worker
+from ._primary import serve as serve
+from ._worker import WorkerInfo as WorkerInfo
+from ._worker import current_worker as current_worker
+from ._worker import receive_from_primary as receive_from_primary
+from ._worker import send_to_primary as send_to_primary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Headers",
+    "Herd",
+    "HerdEvent",
+    "IPCProtocolError",
+    "ReloadError",
+    "Request",
+    "Response",
+    "TrioherdError",
+    "Worker",
+    "WorkerBootError",
+    "WorkerInfo",
+    "current_worker",
+    "receive_from_primary",
+    "run",
+    "send_to_primary",
+    "serve",
+    "stream_handler",
+]

@@ -1,0 +1,176 @@
+"""Apps: the native Request/Response types, loading an app by import string, and telling
+the three interfaces apart.
+
+- native: ``async def app(request: Request) -> Response``
+- ASGI 3: ``async def app(scope, receive, send)``
+- stream: ``async def handle(stream: trio.abc.Stream)``, for protocols other than HTTP
+
+Detection (``--interface auto``): a function marked with :func:`stream_handler` or whose one
+parameter is annotated with a trio stream type is a stream handler; three parameters make an
+ASGI app; one parameter makes a native app.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+
+if TYPE_CHECKING:
+    from ._http import BodyReader
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def stream_handler(handler: F) -> F:
+    """Mark ``async def handle(stream)`` as a raw stream handler (no HTTP)."""
+    handler.__trioherd_interface__ = "stream"  # type: ignore[attr-defined]
+    return handler
+
+
+class Headers:
+    """Request headers: case-insensitive lookup over the raw (name, value) pairs."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw  # names are lower-case, as h11 gives them
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.lower().encode("latin-1")
+        for raw_name, value in self.raw:
+            if raw_name == key:
+                return value.decode("latin-1")
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        key = name.lower().encode("latin-1")
+        return [value.decode("latin-1") for raw_name, value in self.raw if raw_name == key]
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for name, value in self.raw:
+            yield name.decode("latin-1"), value.decode("latin-1")
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self)!r})"
+
+
+@attrs.define(eq=False)
+class Request:
+    """One HTTP request, as a native app sees it."""
+
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    client: tuple[str, int] | None
+    http_version: str
+    scheme: str = "http"
+    tls: dict[str, Any] | None = None
+    """TLS facts when served over HTTPS: ``version``, ``cipher``, ``alpn`` and
+    ``peer_subject`` (the client certificate's subject, when one was given)."""
+    _reader: BodyReader | None = attrs.field(default=None, repr=False)
+
+    async def body(self) -> bytes:
+        """The whole body (bounded by ``max_body_size``)."""
+        return b"".join([chunk async for chunk in self.stream()])
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk, as it arrives."""
+        if self._reader is None:
+            return
+        async for chunk in self._reader:
+            yield chunk
+
+
+Body = bytes | str | AsyncIterable[bytes]
+
+
+@attrs.define(eq=False)
+class Response:
+    """What a native app returns. ``body`` may be bytes, str (sent as UTF-8) or an async
+    iterator of bytes (streamed with chunked encoding, flushed as produced)."""
+
+    body: Body = b""
+    status: int = 200
+    headers: dict[str, str] | list[tuple[str, str]] = attrs.Factory(dict)
+    content_type: str | None = None
+
+
+App = Callable[..., Awaitable[Any]]
+
+
+def load(spec: str) -> Any:
+    """Import ``module:attr`` or ``/path/to/file.py:attr`` (``attr`` may be dotted and
+    defaults to ``app``). Exceptions from the import propagate with the app's own message."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    if not module_name:
+        raise ImportError(f"app {spec!r}: expected 'module:attr'")
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = os.path.abspath(module_name)
+        name = "__trioherd_app__"
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        if file_spec is None or file_spec.loader is None:
+            raise ImportError(f"app {spec!r}: cannot load {path}")
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, os.path.dirname(path))
+        file_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"app {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if not callable(obj):
+        raise TypeError(f"app {spec!r} is not callable: {obj!r}")
+    return obj
+
+
+def detect_interface(app: Any, configured: str = "auto") -> str:
+    if configured != "auto":
+        return configured
+    marked = getattr(app, "__trioherd_interface__", None)
+    if isinstance(marked, str):
+        return marked
+    target = app if inspect.isfunction(app) or inspect.ismethod(app) else app.__call__
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return "native"
+    params = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(params) == 3:
+        return "asgi"
+    if len(params) == 1:
+        annotation = params[0].annotation
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        if "Stream" in str(text):
+            return "stream"
+    return "native"

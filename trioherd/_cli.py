@@ -1,0 +1,250 @@
+"""``python -m trioherd serve|status|reload|scale|stop``.
+
+Exit codes: 0 after a graceful stop (or a control command that succeeded), 1 when a control
+command failed or the herd was stopped at once by a second signal, 2 for a usage or
+configuration error (the message names the option), 3 when the app cannot boot (the
+message is the worker's own error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from . import _control
+from ._config import OPTIONS, Config, build_config, make_config
+from ._errors import ConfigError, WorkerBootError
+from ._log import setup_logging
+from ._primary import Herd, serve
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BOOT = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trioherd", description="A Trio process herd serving HTTP/1.1"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser("serve", help="run a herd in the foreground")
+    serve_parser.add_argument(
+        "app", nargs="?", help="module:attr of the app (default: a built-in demo app)"
+    )
+    serve_parser.add_argument("--config", help="TOML file with options")
+    for option in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": option.help}
+        if option.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif option.kind == "list":
+            kwargs["action"] = "append"
+            kwargs["metavar"] = option.name.upper()
+        elif option.kind == "intlist":
+            kwargs["action"] = "append"
+            kwargs["type"] = int
+            kwargs["metavar"] = "N"
+        elif option.kind == "choice":
+            kwargs["choices"] = option.choices
+        elif option.kind in ("int", "float"):
+            kwargs["type"] = int if option.kind == "int" else float
+            kwargs["metavar"] = "N" if option.kind == "int" else "SECONDS"
+        serve_parser.add_argument(option.flag, **kwargs)
+    for name, text in (
+        ("status", "show the workers of a running herd"),
+        ("reload", "replace every worker, one at a time, without dropping a request"),
+        ("stop", "stop a herd gracefully"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--name", default="default", help="herd name (default: default)")
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "stop":
+            sub.add_argument(
+                "--timeout", type=float, default=120.0, help="seconds to wait for the herd to exit"
+            )
+    scale = commands.add_parser("scale", help="set the number of workers: N, +N or -N")
+    scale.add_argument("count", help="N, +N or -N")
+    scale.add_argument("--name", default="default", help="herd name (default: default)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run_cli(list(sys.argv[1:] if argv is None else argv)))
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = _parser()
+    # "scale -1" must not read -1 as an option
+    if len(argv) >= 2 and argv[0] == "scale" and argv[1][:1] == "-":
+        argv = [argv[0], "--", *argv[1:]] if "--" not in argv else argv
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve_command(args)
+    return _control_command(args)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    cli = {option.name: getattr(args, option.name) for option in OPTIONS}
+    if args.app is not None:
+        cli["app"] = args.app
+    try:
+        config = build_config(cli, os.environ, args.config, handle_signals=True)
+    except ConfigError as exc:
+        print(f"trioherd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_config(config)
+
+
+def run_config(config: Config) -> int:
+    """Run a herd in the foreground until it stops; the process exit code."""
+    setup_logging(config.log_level, "primary")
+    try:
+        herd = trio.run(_serve_and_announce, config)
+    except ConfigError as exc:
+        print(f"trioherd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WorkerBootError as exc:
+        print(f"trioherd: the app could not boot:\n{exc.text.rstrip()}", file=sys.stderr)
+        return EXIT_BOOT
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    return EXIT_FAILED if herd is not None and herd.forced else EXIT_OK
+
+
+async def _serve_and_announce(config: Config) -> Herd | None:
+    herd: Herd | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            herd = await nursery.start(serve, config)
+            for url in herd.addresses:
+                print(f"trioherd: listening on {url}", file=sys.stderr, flush=True)
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+    return herd
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested groups, or the group itself if there are more."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def run(app: Any = None, **options: Any) -> None:
+    """Blocking form: ``trioherd.run("myapp:app", workers=4, bind=["0.0.0.0:8000"])``.
+
+    Handles SIGINT/SIGTERM (graceful stop), SIGHUP (reload), SIGTTIN/SIGTTOU (scale).
+    Raises ConfigError or WorkerBootError instead of exiting.
+    """
+    options.setdefault("handle_signals", True)
+    config = make_config(app=app, **options)
+    setup_logging(config.log_level, "primary")
+
+    async def main() -> None:
+        await _serve_and_announce(config)
+
+    trio.run(main)
+
+
+def _control_command(args: argparse.Namespace) -> int:
+    message: dict[str, Any] = {"cmd": args.command}
+    if args.command == "scale":
+        message["n"] = args.count
+    timeout = 3600.0 if args.command in ("reload", "scale") else 10.0
+    try:
+        reply = _control.request(args.name, message, timeout)
+    except (ConnectionError, OSError) as exc:
+        print(f"trioherd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not reply.get("ok"):
+        print(f"trioherd: {reply.get('error', 'failed')}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.command == "status":
+        status = reply["status"]
+        print(json.dumps(status) if args.json else format_status(status))
+    elif args.command == "stop":
+        if not _wait_gone(int(reply["pid"]), args.timeout):
+            print(
+                f"trioherd: herd {args.name!r} still running after {args.timeout}s",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        print(f"trioherd: herd {args.name!r} stopped")
+    elif args.command == "reload":
+        print(f"trioherd: herd {args.name!r} reloaded")
+    elif args.command == "scale":
+        print(f"trioherd: herd {args.name!r} now has {reply['size']} workers")
+    return EXIT_OK
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status table a person reads at a glance (like ``pm2 ls``)."""
+    lines = [
+        f"herd {status['name']!r}  pid {status['pid']}  {status['dispatch']}  "
+        f"{' '.join(status['listeners'])}  reloads {status.get('reloads', 0)}"
+    ]
+    header = ("id", "slot", "pid", "state", "uptime", "restarts", "conns", "requests", "rss MiB")
+    rows = [header]
+    for worker in status["workers"]:
+        rows.append(
+            (
+                str(worker["id"]),
+                str(worker.get("slot", "")),
+                str(worker["pid"]),
+                worker["state"],
+                _duration(worker["uptime"]),
+                str(worker["restarts"]),
+                str(worker["connections"]),
+                str(worker["requests"]),
+                f"{worker['rss'] / 1048576:.1f}",
+            )
+        )
+    for slot in status.get("backoff", []):
+        rows.append(
+            ("-", str(slot["slot"]), "-", "backoff", "-", str(slot["restarts"]), "-", "-", "-")
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append(
+            "  ".join(
+                cell.rjust(width) if i not in (3,) else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)

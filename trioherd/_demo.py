@@ -1,0 +1,23 @@
+"""The built-in demo app served when ``serve`` is given no APP: it names the worker that
+answered, like the Node cluster demos. Reload the page to watch round-robin at work."""
+
+from __future__ import annotations
+
+import os
+
+from ._app import Request, Response
+from ._worker import current_worker
+
+
+async def app(request: Request) -> Response:
+    worker = current_worker()
+    worker_id = worker.id if worker else 0
+    if request.path == "/health":
+        return Response("ok\n")
+    body = (
+        f"Hello from trioherd worker {worker_id} (pid {os.getpid()})\n"
+        f"{request.method} {request.path} from {request.client[0] if request.client else '-'}\n"
+    )
+    return Response(
+        body, headers={"x-worker-id": str(worker_id), "x-worker-pid": str(os.getpid())}
+    )

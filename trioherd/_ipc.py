@@ -1,0 +1,184 @@
+"""The channel between the primary and one worker.
+
+An AF_UNIX SOCK_SEQPACKET socket pair: the kernel keeps message boundaries, so one packet
+is one message, and any fds ride with the message that announces them (SCM_RIGHTS).
+
+The framing is sans-IO (:func:`encode`, :func:`decode`): a message is a JSON object with a
+``"t"`` naming its type. Both sides check the protocol version in the init/ready handshake.
+:func:`decode` checks every field a type needs and raises :class:`IPCProtocolError` on
+anything else, so a peer sending garbage is a logged, recycled worker, never a crash.
+
+:class:`Channel` moves packets with raw non-blocking ``sendmsg``/``recvmsg`` calls and
+trio's ``wait_readable``/``wait_writable``: no trio socket object per fd, no task per
+message. Up to :data:`MAX_FDS` fds travel in one packet.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ._errors import IPCProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FDS = 16
+MAX_PACKET = 256 * 1024
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
+
+# Fields each message type must carry, with their types. Extra fields are ignored.
+_NUMBER = (int, float)
+SCHEMA: dict[str, dict[str, Any]] = {
+    # primary -> worker
+    "init": {"v": int, "id": int, "slot": int, "config": dict},
+    "conn": {"l": int},
+    "disconnect": {"grace": _NUMBER},
+    "msg": {"data": object},
+    # worker -> primary
+    "ready": {"v": int, "pid": int},
+    "boot_error": {"text": str},
+    "beat": {"stats": dict},
+    "closed": {"n": int},
+    "refuse": {},
+}
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    fields["t"] = kind
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def decode(packet: bytes) -> dict[str, Any]:
+    """Parse and check one packet. Raises IPCProtocolError if it is not a known message."""
+    try:
+        message = json.loads(packet)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IPCProtocolError(f"undecodable packet {packet[:60]!r}: {exc}") from None
+    if not isinstance(message, dict):
+        raise IPCProtocolError(f"packet is not an object: {packet[:60]!r}")
+    kind = message.get("t")
+    schema = SCHEMA.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise IPCProtocolError(f"unknown message type {kind!r}")
+    for field, wanted in schema.items():
+        if field not in message:
+            raise IPCProtocolError(f"{kind!r} message lacks {field!r}")
+        value = message[field]
+        if wanted is not object and (isinstance(value, bool) or not isinstance(value, wanted)):
+            raise IPCProtocolError(f"{kind!r} message has a bad {field!r}: {value!r}")
+    return message
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            socket.close(fd)
+        except OSError:
+            pass
+
+
+class ChannelClosed(Exception):
+    """The peer closed its end (it exited or was killed)."""
+
+
+_BROKEN = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED, errno.EBADF)
+
+
+class Channel:
+    """One end of a SOCK_SEQPACKET pair, driven by trio's I/O waits."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._send_lock = trio.Lock()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def try_send(self, data: bytes, fds: Sequence[int] = ()) -> bool:
+        """Send at once if the socket has room; False if it would block."""
+        try:
+            if fds:
+                self.sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                self.sock.send(data)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in _BROKEN:
+                raise ChannelClosed(str(exc)) from None
+            raise
+        return True
+
+    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send one message (and fds). Fast path without a lock; waiters queue on the lock."""
+        if self.closed:
+            raise ChannelClosed("channel closed")
+        if self.try_send(data, fds):
+            return
+        async with self._send_lock:
+            while not self.try_send(data, fds):
+                await trio.lowlevel.wait_writable(self.sock)
+
+    def receive_nowait(self) -> tuple[bytes, list[int]]:
+        """One packet and its fds. BlockingIOError when none; ChannelClosed on EOF."""
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                MAX_PACKET, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno in _BROKEN:
+                raise ChannelClosed(str(exc)) from None
+            raise
+        fds: list[int] = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                fds.extend(received)
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            close_fds(fds)
+            raise IPCProtocolError("packet or its fds were truncated")
+        if not data:
+            close_fds(fds)
+            raise ChannelClosed("end of channel")
+        return data, fds
+
+    async def receive_batch(self) -> list[tuple[bytes, list[int]]]:
+        """Wait until readable, then take every packet queued (at least one)."""
+        batch: list[tuple[bytes, list[int]]] = []
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            while len(batch) < 256:
+                try:
+                    batch.append(self.receive_nowait())
+                except BlockingIOError:
+                    break
+                except ChannelClosed:
+                    if batch:
+                        return batch
+                    raise
+            if batch:
+                return batch
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """(primary end, worker end); the worker end is made inheritable by the spawner."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -1,0 +1,149 @@
+"""Listening sockets of the primary: TCP, Unix, inherited fds and systemd LISTEN_FDS."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import MutableMapping
+
+import attrs
+
+from ._config import DEFAULT_BIND, Config, parse_host_port
+from ._errors import ConfigError
+
+BACKLOG = 2048
+SD_LISTEN_FDS_START = 3
+
+
+@attrs.define(eq=False)
+class Listener:
+    sock: socket.socket
+    url: str
+    uds_path: str | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.uds_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.uds_path)
+
+
+def _url(sock: socket.socket, tls: bool) -> str:
+    scheme = "https" if tls else "http"
+    if sock.family == socket.AF_UNIX:
+        return f"{scheme}+unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def open_tcp(address: str, tls: bool) -> Listener:
+    host, port = parse_host_port(address, "bind")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError("bind", f"{address}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("bind", f"{address}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return Listener(sock, _url(sock, tls))
+
+
+def open_unix(path: str, tls: bool) -> Listener:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody listens there
+            else:
+                raise ConfigError("uds", f"{path}: another server is listening there")
+            finally:
+                probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("uds", f"{path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return Listener(sock, _url(sock, tls), uds_path=path)
+
+
+def adopt_fd(fd: int, tls: bool, option: str = "fd") -> Listener:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(option, f"fd {fd}: {exc.strerror}") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        sock.detach()
+        raise ConfigError(option, f"fd {fd} is not a socket") from exc
+    if not listening or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ConfigError(option, f"fd {fd} is not a listening stream socket")
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return Listener(sock, _url(sock, tls))
+
+
+def systemd_fds(environ: MutableMapping[str, str]) -> list[int]:
+    """fds passed by systemd socket activation; the variables are removed so that no child
+    mistakes them for its own."""
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(key, None)
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+
+
+def open_listeners(config: Config) -> list[Listener]:
+    listeners: list[Listener] = []
+    try:
+        for fd in config.fd:
+            listeners.append(adopt_fd(fd, config.tls))
+        if config.listen_fds:
+            for fd in systemd_fds(os.environ):
+                listeners.append(adopt_fd(fd, config.tls, "LISTEN_FDS"))
+        for path in config.uds:
+            listeners.append(open_unix(path, config.tls))
+        binds = config.bind or (() if listeners else (DEFAULT_BIND,))
+        for address in binds:
+            listeners.append(open_tcp(address, config.tls))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def is_transient_accept_error(exc: OSError) -> bool:
+    return exc.errno in (
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENOBUFS,
+        errno.ENOMEM,
+        errno.EMFILE,
+        errno.ENFILE,
+    )

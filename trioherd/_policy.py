@@ -1,0 +1,115 @@
+"""Sans-IO decisions of the primary: which worker gets a connection, when to respawn.
+
+Nothing here touches a socket, a process or a clock: callers pass the facts in, so every
+rule is tested synchronously.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
+
+
+class Loaded(Protocol):
+    @property
+    def open_connections(self) -> int: ...
+
+
+W = TypeVar("W", bound=Loaded)
+
+
+class Dispatcher(Generic[W]):
+    """Chooses a ready worker for each accepted connection.
+
+    ``round-robin``: the next worker in turn (Node's SCHED_RR). ``least-busy``: the worker
+    with the fewest open connections, ties broken by turn. Either way a worker holding
+    ``limit`` open connections is skipped; :meth:`pick` returns None when all are full,
+    and the caller stops accepting until one has room.
+    """
+
+    def __init__(self, policy: str, limit: int) -> None:
+        self.policy = policy
+        self.limit = limit
+        self._workers: list[W] = []
+        self._turn = 0
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __iter__(self) -> Iterator[W]:
+        return iter(self._workers)
+
+    def __contains__(self, worker: object) -> bool:
+        return worker in self._workers
+
+    def add(self, worker: W) -> None:
+        if worker not in self._workers:
+            self._workers.append(worker)
+
+    def remove(self, worker: W) -> None:
+        try:
+            index = self._workers.index(worker)
+        except ValueError:
+            return
+        del self._workers[index]
+        if index < self._turn:
+            self._turn -= 1
+        if self._turn >= len(self._workers):
+            self._turn = 0
+
+    def has_room(self) -> bool:
+        return any(worker.open_connections < self.limit for worker in self._workers)
+
+    def pick(self) -> W | None:
+        workers = self._workers
+        count = len(workers)
+        if not count:
+            return None
+        limit = self.limit
+        start = self._turn % count
+        chosen = -1
+        if self.policy == "least-busy":
+            best = limit
+            for step in range(count):
+                index = (start + step) % count
+                load = workers[index].open_connections
+                if load < best:
+                    best = load
+                    chosen = index
+        else:
+            for step in range(count):
+                index = (start + step) % count
+                if workers[index].open_connections < limit:
+                    chosen = index
+                    break
+        if chosen < 0:
+            return None
+        self._turn = (chosen + 1) % count
+        return workers[chosen]
+
+
+def backoff_delay(consecutive_failures: int, cap: float, base: float = 0.1) -> float:
+    """Delay before respawning a slot whose worker died ``consecutive_failures`` times in a row.
+
+    0.1 s, 0.2 s, 0.4 s, ... doubling, never more than ``cap``.
+    """
+    if consecutive_failures <= 0:
+        return 0.0
+    return float(min(cap, base * 2 ** min(consecutive_failures - 1, 30)))
+
+
+def request_limit(max_requests: int, jitter: int, rng: random.Random | None = None) -> int:
+    """Requests this worker may serve before it is recycled (0 = no limit)."""
+    if max_requests <= 0:
+        return 0
+    return max_requests + (rng or random).randint(0, jitter) if jitter > 0 else max_requests
+
+
+def should_recycle(requests: int, limit: int, rss_bytes: int, max_memory_mib: int) -> str | None:
+    """The reason to recycle a worker now, or None."""
+    if limit and requests >= limit:
+        return "max-requests"
+    if max_memory_mib and rss_bytes > max_memory_mib * 1024 * 1024:
+        return "max-memory"
+    return None

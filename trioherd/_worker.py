@@ -1,0 +1,418 @@
+"""The worker process, started as ``python -c "import trioherd._worker as w; w.main()" --fd N
+--ppid P`` (not ``-m``, which would run this module a second time as ``__main__`` and give
+the app a different ``current_worker()``).
+
+Boot: set PR_SET_PDEATHSIG, read the init message (config, id) from the channel, import
+the app (a failure is reported to the primary as ``boot_error`` with the traceback, then
+exit 3), run ASGI lifespan startup, then say ``ready``.
+
+Serve: every ``conn`` message brings up to 16 accepted fds; each becomes a trio
+SocketStream (TCP_NODELAY set) in its own task of the connection nursery. With the
+``shared`` policy the worker accepts on the listening sockets it was given instead.
+Heartbeats with counters go to the primary from this event loop, so a blocked loop stops
+them; closed connections are reported in small batches for least-busy dispatch.
+
+Drain: on ``disconnect`` (or EOF on the channel: the primary died), stop taking
+connections (fds that still arrive are sent back, ``refuse``), let in-flight requests
+finish, close idle keep-alive connections after a short grace, and cancel whatever is
+left when ``graceful_timeout`` runs out. Then ASGI lifespan shutdown and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import attrs
+import trio
+
+from . import _app, _ipc
+from ._config import Config
+from ._errors import IPCProtocolError
+from ._http import HTTPConnection, ServerState
+from ._log import setup_logging
+
+log = logging.getLogger("trioherd.worker")
+
+EXIT_BOOT_ERROR = 3
+PRIMARY_GONE_GRACE = 1.0
+CLOSED_REPORT_INTERVAL = 0.002
+_ACCEPT_ERRORS = (
+    errno.ECONNABORTED,
+    errno.EPROTO,
+    errno.EPERM,
+    errno.ENOBUFS,
+    errno.ENOMEM,
+    errno.EMFILE,
+    errno.ENFILE,
+)
+
+
+@attrs.frozen
+class WorkerInfo:
+    """Who this worker is: ``id`` is unique per spawn, ``slot`` is its place in the herd
+    (stable across respawns, like PM2's NODE_APP_INSTANCE)."""
+
+    id: int
+    slot: int
+    pid: int
+
+
+_current: Worker | None = None
+
+
+def current_worker() -> WorkerInfo | None:
+    """In a worker: its id, slot and pid. In the primary or a plain program: None."""
+    if _current is None:
+        return None
+    return _current.info
+
+
+async def send_to_primary(obj: Any) -> None:
+    """Send a JSON-serialisable object to the primary (``herd.messages()`` yields it)."""
+    if _current is None:
+        raise RuntimeError("send_to_primary() is only available inside a trioherd worker")
+    await _current.channel.send(_ipc.encode("msg", data=obj))
+
+
+async def receive_from_primary() -> Any:
+    """In a worker: the next object the primary sent with ``herd.broadcast()``."""
+    if _current is None:
+        raise RuntimeError("receive_from_primary() is only available inside a trioherd worker")
+    return await _current.inbox_receive.receive()
+
+
+def _set_parent_death_signal(expected_parent: int) -> None:
+    """Die with the primary, even when it is SIGKILLed (Linux). The primary spawns workers
+    from its main thread, whose death is what the kernel watches."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != expected_parent:  # died before prctl took effect
+        os._exit(1)
+
+
+class Worker:
+    def __init__(self, channel: _ipc.Channel, init: dict[str, Any], fds: list[int]) -> None:
+        self.channel = channel
+        self.config = Config.from_wire(init["config"])
+        self.info = WorkerInfo(id=init["id"], slot=init["slot"], pid=os.getpid())
+        self.state = ServerState(self.config, self.info.id)
+        self.listeners = [socket.socket(fileno=fd) for fd in fds]
+        for listener in self.listeners:
+            listener.setblocking(False)
+        self.open = 0
+        self.closed_pending = 0
+        self.closed_event = trio.Event()
+        self.idle = trio.Event()
+        self.idle.set()
+        self.draining = False
+        self.drain_started = trio.Event()
+        self.refused = 0
+        self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
+        self.handler: Callable[[trio.SocketStream], Awaitable[None]] | None = None
+        self.ssl_context: Any = None
+        self.conn_nursery: trio.Nursery | None = None
+
+    # -- boot ------------------------------------------------------------------------
+
+    def load(self) -> tuple[Any, str]:
+        spec = self.config.app or "trioherd._demo:app"
+        app = _app.load(spec)
+        interface = _app.detect_interface(app, self.config.interface)
+        if self.config.tls:
+            from ._tls import server_context
+
+            self.ssl_context = server_context(self.config)
+        return app, interface
+
+    # -- connections -------------------------------------------------------------------
+
+    def start_connection(self, fd: int) -> None:
+        assert self.conn_nursery is not None
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            _ipc.close_fds([fd])
+            self.connection_closed()
+            return
+        self.open += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        self.conn_nursery.start_soon(self.run_connection, sock)
+
+    async def run_connection(self, sock: socket.socket) -> None:
+        try:
+            assert self.handler is not None
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            await self.handler(stream)
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            sock.close()
+            self.open -= 1
+            if self.open == 0:
+                self.idle.set()
+            self.connection_closed()
+
+    def connection_closed(self) -> None:
+        self.closed_pending += 1
+        self.closed_event.set()
+
+    async def report_closed(self) -> None:
+        """Tell the primary about closed connections, batched: one packet every few ms at
+        most, however many connections closed in between."""
+        while True:
+            await self.closed_event.wait()
+            self.closed_event = trio.Event()
+            count, self.closed_pending = self.closed_pending, 0
+            if count:
+                await self.channel.send(_ipc.encode("closed", n=count))
+            await trio.sleep(CLOSED_REPORT_INTERVAL)
+
+    async def heartbeat(self) -> None:
+        interval = min(1.0, self.config.worker_timeout / 4)
+        while True:
+            stats = self.state.stats.snapshot()
+            stats["open"] = self.open
+            stats["refused"] = self.refused
+            await self.channel.send(_ipc.encode("beat", stats=stats))
+            await trio.sleep(interval)
+
+    async def accept_loop(self, listener: socket.socket) -> None:
+        """``shared`` policy: accept on the listening socket until full or draining."""
+        limit = self.config.max_connections
+        while not self.draining:
+            if self.open >= limit:
+                await self.closed_event.wait()
+                continue
+            await trio.lowlevel.wait_readable(listener)
+            while self.open < limit and not self.draining:
+                try:
+                    fd, _ = listener._accept()  # type: ignore[attr-defined]
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_ERRORS:
+                        log.warning("accept failed: %s", exc)
+                        break
+                    raise
+                self.start_connection(fd)
+
+    # -- the channel -------------------------------------------------------------------
+
+    async def read_channel(self) -> None:
+        """Handle messages from the primary until it says disconnect or goes away."""
+        channel = self.channel
+        while True:
+            try:
+                batch = await channel.receive_batch()
+            except _ipc.ChannelClosed:
+                log.warning("primary went away; stopping")
+                self.begin_drain()
+                return
+            for data, fds in batch:
+                try:
+                    message = _ipc.decode(data)
+                except IPCProtocolError as exc:
+                    _ipc.close_fds(fds)
+                    log.error("bad message from primary: %s", exc)
+                    continue
+                kind = message["t"]
+                if kind == "conn":
+                    if self.draining:
+                        await self.refuse(fds)
+                    else:
+                        for fd in fds:
+                            self.start_connection(fd)
+                    continue
+                _ipc.close_fds(fds)
+                if kind == "disconnect":
+                    self.begin_drain(float(message["grace"]))
+                elif kind == "msg":
+                    try:
+                        self.inbox_send.send_nowait(message["data"])
+                    except trio.WouldBlock:
+                        log.warning("inbox full: dropped a message from the primary")
+
+    async def refuse(self, fds: list[int]) -> None:
+        """Hand fds back to the primary for another worker; never drop them."""
+        self.refused += len(fds)
+        try:
+            await self.channel.send(_ipc.encode("refuse"), fds)
+        except _ipc.ChannelClosed:
+            pass
+        finally:
+            _ipc.close_fds(fds)
+
+    def begin_drain(self, grace: float | None = None) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.grace = PRIMARY_GONE_GRACE if grace is None else grace
+        self.state.start_draining()
+        for listener in self.listeners:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+        self.drain_started.set()
+
+    async def serve(self, ready: Callable[[], Awaitable[None]]) -> None:
+        async with trio.open_nursery() as root:
+            async with trio.open_nursery() as conns:
+                self.conn_nursery = conns
+                for listener in self.listeners:
+                    conns.start_soon(self._accept_guarded, listener)
+                root.start_soon(self.heartbeat)
+                root.start_soon(self.report_closed)
+                await ready()
+                await self.read_channel_until_drain(conns)
+            # connections are done (or were cancelled at the deadline)
+            while self.closed_pending:  # last report, so the primary's counts balance
+                await self.channel.send(_ipc.encode("closed", n=self.closed_pending))
+                self.closed_pending = 0
+            root.cancel_scope.cancel()
+
+    async def _accept_guarded(self, listener: socket.socket) -> None:
+        try:
+            await self.accept_loop(listener)
+        except (OSError, trio.ClosedResourceError):
+            if not self.draining:
+                raise
+
+    async def read_channel_until_drain(self, conns: trio.Nursery) -> None:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(self.read_channel)
+            await self.drain_started.wait()
+            conns.cancel_scope.deadline = trio.current_time() + self.grace
+            await self.idle.wait()
+            conns.cancel_scope.cancel()
+            # keep reading (refusing late fds) until the primary has seen us go
+            inner.cancel_scope.deadline = trio.current_time() + 0.05
+
+
+def app_traceback(exc: BaseException) -> str:
+    """The traceback of an app's error without trioherd's and importlib's frames above it."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not (filename.startswith(package) or filename.startswith("<frozen")
+                or "importlib" in filename):
+            break
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _boot_failed(channel: _ipc.Channel, text: str) -> NoReturn:
+    sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    sys.stderr.flush()
+    try:
+        channel.sock.setblocking(True)
+        channel.sock.send(_ipc.encode("boot_error", text=text[-60000:]))
+    except OSError:
+        pass
+    os._exit(EXIT_BOOT_ERROR)
+
+
+async def _main(fd: int) -> None:
+    global _current
+    channel = _ipc.Channel(socket.socket(fileno=fd))
+    try:
+        batch = await channel.receive_batch()
+        init = _ipc.decode(batch[0][0])
+        fds = batch[0][1]
+        if init["t"] != "init" or init["v"] != _ipc.PROTOCOL_VERSION:
+            raise IPCProtocolError(f"expected init v{_ipc.PROTOCOL_VERSION}")
+    except (_ipc.ChannelClosed, IPCProtocolError) as exc:
+        sys.stderr.write(f"trioherd worker: no valid init from the primary: {exc}\n")
+        os._exit(1)
+    worker = Worker(channel, init, fds)
+    _current = worker
+    setup_logging(worker.config.log_level, f"w{worker.info.id}")
+    try:
+        app, interface = worker.load()
+    except BaseException as exc:
+        _boot_failed(channel, app_traceback(exc))
+
+    async with trio.open_nursery() as nursery:
+        lifespan = None
+        if interface == "asgi":
+            from ._lifespan import Lifespan
+
+            lifespan = Lifespan(app, worker.state.asgi_state)
+            error = await lifespan.startup(nursery)
+            if error is not None:
+                _boot_failed(channel, error)
+        worker.handler = _make_handler(worker, app, interface)
+
+        async def ready() -> None:
+            await channel.send(_ipc.encode("ready", v=_ipc.PROTOCOL_VERSION, pid=os.getpid()))
+
+        await worker.serve(ready)
+        if lifespan is not None:
+            with trio.move_on_after(worker.config.graceful_timeout):
+                await lifespan.shutdown()
+        nursery.cancel_scope.cancel()
+    channel.close()
+
+
+def _make_handler(
+    worker: Worker, app: Any, interface: str
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    state = worker.state
+    config = worker.config
+    ssl_context = worker.ssl_context
+    if ssl_context is not None:
+        from ._tls import handshake
+    asgi = interface == "asgi"
+
+    async def handle(stream: trio.SocketStream) -> None:
+        sock = stream.socket
+        try:
+            client: Any = sock.getpeername()
+            server: Any = sock.getsockname()
+        except OSError:
+            return
+        if not isinstance(client, tuple):
+            client = server = None
+        else:
+            client, server = client[:2], server[:2]
+        if ssl_context is not None:
+            secured = await handshake(stream, ssl_context, config.tls_handshake_timeout)
+            if secured is None:
+                return
+            tls_stream, tls = secured
+            await HTTPConnection(state, app, asgi, tls_stream, client, server, "https", tls).run()
+            return
+        await HTTPConnection(state, app, asgi, stream, client, server).run()
+
+    if interface == "stream":
+
+        async def handle_stream(stream: trio.SocketStream) -> None:
+            try:
+                await app(stream)
+            finally:
+                await trio.aclose_forcefully(stream)
+
+        return handle_stream
+    return handle
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="trioherd._worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--ppid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _set_parent_death_signal(args.ppid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the primary's to handle
+    trio.run(_main, args.fd)
