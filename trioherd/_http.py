@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
@@ -28,6 +29,7 @@ import trio
 
 from ._app import Headers, Request, Response
 from ._config import Config
+from ._rawstream import RawSocketStream
 
 log = logging.getLogger("trioherd.http")
 access_log = logging.getLogger("trioherd.access")
@@ -36,7 +38,6 @@ RECEIVE_SIZE = 65536
 DRAIN_GRACE = 1.0
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
-SERVER_HEADER = (b"server", b"trioherd")
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -83,24 +84,40 @@ class ServerState:
         self.stats = Stats()
         self.draining = False
         self.drain_grace = min(DRAIN_GRACE, config.graceful_timeout)
-        self.idle_scopes: set[trio.CancelScope] = set()
+        self.connections: set[HTTPConnection] = set()
         self.asgi_state: dict[str, Any] = {}
         self.on_request: Callable[[], None] | None = None
+        shortest = min(config.keep_alive_timeout or 1.0, config.header_timeout, 1.0)
+        self.sweep_interval = max(0.01, shortest / 4)
 
     def start_draining(self) -> None:
         """From now on responses carry ``Connection: close``; idle connections get the
         short drain grace for a request that may already be on its way, then close."""
         self.draining = True
         deadline = trio.current_time() + self.drain_grace
-        for scope in self.idle_scopes:
-            scope.deadline = min(scope.deadline, deadline)
+        for connection in self.connections:
+            if connection.phase == IDLE:
+                connection.deadline = min(connection.deadline, deadline)
+
+    async def sweep(self) -> None:
+        """Enforce every connection's phase deadline (idle, head, body).
+
+        One timer task per worker instead of a cancel scope per read: the hot path only
+        writes a number. A deadline is enforced within ``sweep_interval`` of passing.
+        """
+        while True:
+            await trio.sleep(self.sweep_interval)
+            now = trio.current_time()
+            for connection in self.connections:
+                if connection.deadline <= now:
+                    connection.expire()
+
+
+# Phases of a connection, each with its own deadline (see ServerState.sweep)
+IDLE, HEAD, BODY, APP = range(4)
 
 
 class BodyTooLarge(Exception):
-    pass
-
-
-class RequestTimeout(Exception):
     pass
 
 
@@ -133,13 +150,14 @@ class BodyReader:
         conn = http.conn
         if self.done:
             return b""
-        if conn.they_are_waiting_for_100_continue:
-            await http.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        if conn.they_are_waiting_for_100_continue and not http.sent_continue:
+            http.sent_continue = True
+            await http.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         limit = http.state.config.max_body_size
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                await http.receive(http.state.config.header_timeout, RequestTimeout)
+                await http.receive_body()
                 continue
             kind = type(event)
             if kind is h11.Data:
@@ -151,19 +169,47 @@ class BodyReader:
             if kind is h11.EndOfMessage:
                 self.done = True
                 return b""
+            if event is h11.PAUSED:  # a protocol switch we do not take: end after this one
+                self.done = True
+                http.keep_alive = False
+                return b""
             raise ClientGone()
 
 
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_FRAMING = (b"content-length", b"transfer-encoding")
+
+
+class InvalidResponse(Exception):
+    """The app asked for a response HTTP cannot carry (a bad header, a wrong length)."""
+
+
 class HTTPConnection:
-    """Serves the requests of one connection until it closes."""
+    """Serves the requests of one connection until it closes.
+
+    h11 parses each request (a fresh h11 state machine per request, fed the bytes left over
+    from the one before, so pipelining works); responses are written here, directly as
+    bytes, with the framing HTTP/1.1 asks for: that skips most of h11's per-event
+    bookkeeping, which costs more than the parsing itself.
+    """
 
     __slots__ = (
-        "_response_started",
+        "_chunked",
+        "_head_only",
+        "_remaining",
         "app",
         "asgi",
         "client",
         "conn",
+        "deadline",
+        "expired",
+        "keep_alive",
+        "phase",
+        "response_started",
         "scheme",
+        "scope",
+        "sent_continue",
         "server",
         "state",
         "stream",
@@ -189,10 +235,28 @@ class HTTPConnection:
         self.server = server
         self.scheme = scheme
         self.tls = tls
-        self.conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=state.config.max_header_size
+        self.conn = self._new_parser()
+        self.keep_alive = True
+        self.response_started = False
+        self.sent_continue = False
+        self._head_only = False
+        self._chunked = False
+        self._remaining: int | None = None
+        self.phase = IDLE
+        self.deadline = math.inf
+        self.expired: int | None = None
+        self.scope = trio.CancelScope()
+
+    def expire(self) -> None:
+        """The current phase ran out of time: cancel whatever the connection awaits."""
+        self.expired = self.phase
+        self.deadline = math.inf
+        self.scope.cancel()
+
+    def _new_parser(self) -> h11.Connection:
+        return h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.state.config.max_header_size
         )
-        self._response_started = False
 
     # -- I/O helpers -------------------------------------------------------------------
 
@@ -200,49 +264,69 @@ class HTTPConnection:
         self.state.stats.bytes_out += len(data)
         await self.stream.send_all(data)
 
-    async def receive(self, timeout: float, error: type[Exception]) -> None:
-        with trio.move_on_after(timeout) as scope:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        if scope.cancelled_caught:
-            raise error()
+    async def receive_body(self) -> None:
+        """Read more of a request body; each read must come within ``header_timeout``."""
+        self.phase = BODY
+        self.deadline = trio.current_time() + self.state.config.header_timeout
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        self.phase = APP
+        self.deadline = math.inf
         self.state.stats.bytes_in += len(data)
         self.conn.receive_data(bytes(data))
 
     # -- the connection loop -------------------------------------------------------------
 
     async def run(self) -> None:
-        conn = self.conn
-        config = self.state.config
-        per_connection = config.max_requests_per_connection
-        served = 0
+        state = self.state
+        state.connections.add(self)
         linger = False
         try:
-            while True:
-                event = await self._read_head()
-                if type(event) is not h11.Request:
-                    break
-                served += 1
-                close = self.state.draining or (per_connection and served >= per_connection)
-                keep_going = await self._serve_request(event, bool(close))
-                if not keep_going or conn.our_state is not h11.DONE:
-                    linger = conn.our_state is h11.MUST_CLOSE and conn.their_state is not h11.DONE
-                    break
-                if conn.their_state is not h11.DONE and not await self._discard_body():
-                    linger = True
-                    break
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    break
-                conn.start_next_cycle()
+            with self.scope:
+                linger = await self._serve_requests()
+            if self.scope.cancelled_caught and self.expired in (HEAD, BODY):
+                what = "head" if self.expired == HEAD else "body"
+                await self._send_error(408, f"request {what} not received in time")
+                linger = True
         except h11.RemoteProtocolError as exc:
             await self._send_error(exc.error_status_hint, str(exc))
-            linger = True
-        except RequestTimeout:
-            await self._send_error(408, "request head not received in time")
             linger = True
         except _STREAM_ERRORS:
             pass
         finally:
+            state.connections.discard(self)
             await self._close(linger)
+
+    async def _serve_requests(self) -> bool:
+        """Serve requests until the connection ends; True if it ended in an error."""
+        per_connection = self.state.config.max_requests_per_connection
+        served = 0
+        while True:
+            event = await self._read_head()
+            if type(event) is not h11.Request:
+                return False
+            served += 1
+            self.keep_alive = not (
+                self.state.draining
+                or (per_connection and served >= per_connection)
+                or _wants_close(event)
+            )
+            if not await self._serve_request(event):
+                return True
+            if not self.keep_alive:
+                return False
+            conn = self.conn
+            if conn.their_state is not h11.DONE:
+                # usually just the EndOfMessage of a request without a body
+                if type(conn.next_event()) is not h11.EndOfMessage and not (
+                    await self._discard_body()
+                ):
+                    return True
+                if conn.their_state is not h11.DONE:
+                    return False
+            leftover = conn.trailing_data[0]
+            self.conn = self._new_parser()
+            if leftover:
+                self.conn.receive_data(leftover)
 
     async def _read_head(self) -> h11.Request | h11.ConnectionClosed | None:
         conn = self.conn
@@ -250,66 +334,67 @@ class HTTPConnection:
         config = state.config
         event = conn.next_event()
         if event is not h11.NEED_DATA:
+            self.phase = APP
             return event  # type: ignore[return-value]
-        started = bool(conn.trailing_data[0])
-        head_deadline = trio.current_time() + config.header_timeout if started else math.inf
+        if conn.trailing_data[0]:
+            self.phase = HEAD
+            self.deadline = trio.current_time() + config.header_timeout
+        else:
+            self.phase = IDLE
+            wait = state.drain_grace if state.draining else config.keep_alive_timeout
+            self.deadline = trio.current_time() + wait
+        stream = self.stream
         while True:
-            if started:
-                deadline = head_deadline
-            else:
-                wait = state.drain_grace if state.draining else config.keep_alive_timeout
-                deadline = trio.current_time() + wait
-            with trio.CancelScope(deadline=deadline) as scope:
-                if started:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                else:
-                    state.idle_scopes.add(scope)
-                    try:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
-                    finally:
-                        state.idle_scopes.discard(scope)
-            if scope.cancelled_caught:
-                if started:
-                    raise RequestTimeout()
-                return None  # idle too long, or drained: close quietly
-            if not started and data:
-                started = True
-                head_deadline = trio.current_time() + config.header_timeout
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if self.phase == IDLE:
+                if not data:
+                    return None
+                self.phase = HEAD
+                self.deadline = trio.current_time() + config.header_timeout
             state.stats.bytes_in += len(data)
             conn.receive_data(bytes(data))
             event = conn.next_event()
             if event is not h11.NEED_DATA:
+                self.phase = APP
+                self.deadline = math.inf
                 return event  # type: ignore[return-value]
 
-    async def _serve_request(self, request: h11.Request, close: bool) -> bool:
-        """Run the app for one request; False if the connection must end now."""
+    async def _serve_request(self, request: h11.Request) -> bool:
+        """Run the app for one request; False if the connection must end at once."""
         config = self.state.config
-        if len(request.headers) > config.max_header_count:
+        headers = request.headers
+        if len(headers) > config.max_header_count:
             await self._send_error(431, "too many header fields")
             return False
-        for name, value in request.headers:
+        # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
+        size = len(request.method) + len(request.target) + 12
+        content_length = None
+        for name, value in headers:
+            size += len(name) + len(value) + 4
             if name == b"content-length":
-                if int(value) > config.max_body_size:
-                    await self._send_error(413, "request body too large")
-                    return False
-                break
+                content_length = int(value)
+        if size > config.max_header_size:
+            await self._send_error(431, "request head too large")
+            return False
+        if content_length is not None and content_length > config.max_body_size:
+            await self._send_error(413, "request body too large")
+            return False
         started_at = time.perf_counter() if config.access_log else 0.0
-        self._response_started = False
+        self.response_started = False
+        self.sent_continue = False
+        self._head_only = request.method == b"HEAD"
+        if request.http_version != b"1.1":
+            self.keep_alive = False
         status = 500
         try:
             if self.asgi:
-                status = await self._call_asgi(request, close)
+                status = await self._call_asgi(request)
             else:
-                status = await self._call_native(request, close)
+                status = await self._call_native(request)
         except BodyTooLarge:
             status = 413
-            if not self._response_started:
+            if not self.response_started:
                 await self._send_error(413, "request body too large")
-            return False
-        except RequestTimeout:
-            status = 408
-            if not self._response_started:
-                await self._send_error(408, "request body not received in time")
             return False
         except ClientGone:
             return False
@@ -319,10 +404,11 @@ class HTTPConnection:
             log.exception(
                 "app raised on %s %s", request.method.decode(), request.target.decode("latin-1")
             )
-            if self._response_started:
-                return False  # a half-sent response cannot be repaired
-            await self._send_error(500, None, linger=False)
             status = 500
+            if self.response_started:
+                return False  # a half-sent response cannot be repaired
+            await self._send_error(500, None)
+            return False
         finally:
             self._count(request, status, started_at)
         return True
@@ -348,68 +434,109 @@ class HTTPConnection:
 
     async def _discard_body(self) -> bool:
         """Read and drop an unread request body so the connection can be reused."""
-        conn = self.conn
-        if conn.they_are_waiting_for_100_continue:
+        if self.conn.they_are_waiting_for_100_continue and not self.sent_continue:
             return False  # never told them to send it: closing is cheaper than reading it
         reader = BodyReader(self)
         try:
             while await reader.next_chunk():
                 pass
-        except (BodyTooLarge, RequestTimeout, ClientGone):
+        except (BodyTooLarge, ClientGone):
             return False
         return True
 
     # -- responses -------------------------------------------------------------------------
 
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]], close: bool) -> bytes:
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> bytes:
+        """The response head. ``length``: the body size, or None for a body of unknown
+        length (chunked, or close-delimited for an HTTP/1.0 client)."""
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
         has_date = has_server = False
-        for name, _ in headers:
+        declared: int | None = None
+        chunked = False
+        for name, value in headers:
             lowered = name.lower()
+            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
             if lowered == b"date":
                 has_date = True
             elif lowered == b"server":
                 has_server = True
+            elif lowered == b"connection":
+                if b"close" in value.lower():
+                    self.keep_alive = False
+            elif lowered == b"content-length":
+                declared = int(value)
+            elif lowered == b"transfer-encoding":
+                chunked = value.lower() == b"chunked"
+                if not chunked:
+                    raise InvalidResponse(f"unsupported transfer-encoding {value!r}")
+                continue  # we add our own when we chunk
+            parts.append(b"%s: %s\r\n" % (name, value))
         if not has_date:
-            headers.append((b"date", http_date()))
+            parts.append(b"date: %s\r\n" % http_date())
         if not has_server:
-            headers.append(SERVER_HEADER)
-        if close:
-            headers.append((b"connection", b"close"))
-        self._response_started = True
-        response = h11.Response(
-            status_code=status, headers=headers, reason=_REASONS.get(status, b"")
-        )
-        return self.conn.send(response)
+            parts.append(b"server: trioherd\r\n")
+        bodyless = status in (204, 304) or status < 200
+        self._chunked = False
+        self._remaining = None
+        if bodyless:
+            self._remaining = 0
+        elif declared is not None:
+            if length is not None and length != declared:
+                raise InvalidResponse(f"content-length {declared} but a body of {length}")
+            self._remaining = declared
+        elif length is not None:
+            parts.append(b"content-length: %d\r\n" % length)
+            self._remaining = length
+        elif self.keep_alive:
+            parts.append(b"transfer-encoding: chunked\r\n")
+            self._chunked = True
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self.response_started = True
+        if self._head_only or bodyless:
+            self._remaining = 0
+            self._chunked = False
+        return b"".join(parts)
 
-    def _no_body(self, status: int) -> bool:
-        return status in (204, 304) or self.conn._request_method == b"HEAD"
+    def _body(self, data: bytes) -> bytes:
+        """Frame a piece of body."""
+        if not data or self._head_only:
+            return b""
+        if self._chunked:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        if self._remaining is not None:
+            if len(data) > self._remaining:
+                raise InvalidResponse("body longer than its content-length")
+            self._remaining -= len(data)
+        return data
+
+    def _end(self) -> bytes:
+        if self._chunked:
+            return b"0\r\n\r\n"
+        if self._remaining and not self._head_only:
+            raise InvalidResponse("body shorter than its content-length")
+        return b""
 
     async def _send_complete(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, close: bool
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
         """Head + body in one send_all."""
-        conn = self.conn
-        if self._no_body(status):
-            data = self._head(status, headers, close) + conn.send(h11.EndOfMessage())
-        else:
-            data = self._head(status, headers, close)
-            if body:
-                data += conn.send(h11.Data(data=body))
-            data += conn.send(h11.EndOfMessage())
+        data = self._head(status, headers, len(body))
+        if body and not self._head_only and status not in (204, 304):
+            data += body
         await self.send(data)
 
-    async def _send_error(self, status: int, detail: str | None, linger: bool = True) -> None:
-        conn = self.conn
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+    async def _send_error(self, status: int, detail: str | None) -> None:
+        if self.response_started:
             return
+        self.keep_alive = False
         body = b"%d %s\n" % (status, _REASONS.get(status, b""))
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-        ]
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
         try:
-            await self._send_complete(status, headers, body, close=True)
-        except (h11.LocalProtocolError, *_STREAM_ERRORS):
+            await self._send_complete(status, headers, body)
+        except _STREAM_ERRORS:
             pass
         if detail:
             log.debug("%d to %s: %s", status, self.client, detail)
@@ -419,24 +546,27 @@ class HTTPConnection:
         moment first, so that the kernel does not answer it with a reset that would destroy
         our error response before the client reads it."""
         stream = self.stream
+        if isinstance(stream, RawSocketStream | trio.SocketStream):
+            if linger:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
+                    try:
+                        await stream.send_eof()
+                        drained = 0
+                        while drained < LINGER_BYTES:
+                            data = await stream.receive_some(RECEIVE_SIZE)
+                            if not data:
+                                break
+                            drained += len(data)
+                    except (OSError, *_STREAM_ERRORS):
+                        pass
+            await trio.aclose_forcefully(stream)
+            return
         with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
-            if linger and isinstance(stream, trio.SocketStream):
-                try:
-                    await stream.send_eof()
-                    drained = 0
-                    while drained < LINGER_BYTES:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                        if not data:
-                            break
-                        drained += len(data)
-                except (OSError, *_STREAM_ERRORS):
-                    pass
             try:
-                await stream.aclose()
+                await stream.aclose()  # TLS: try to say goodbye (close_notify), briefly
             except (OSError, *_STREAM_ERRORS):
                 pass
-        if not isinstance(stream, trio.SocketStream):
-            await trio.aclose_forcefully(stream)
+        await trio.aclose_forcefully(stream)
 
     # -- native apps -------------------------------------------------------------------------
 
@@ -445,7 +575,7 @@ class HTTPConnection:
         path, _, query = target.partition("?")
         return Request(
             method=request.method.decode("ascii"),
-            path=unquote(path),
+            path=unquote(path) if "%" in path else path,
             query=query,
             headers=Headers(request.headers),  # type: ignore[arg-type]
             client=self.client,
@@ -455,21 +585,16 @@ class HTTPConnection:
             reader=BodyReader(self),
         )
 
-    async def _call_native(self, request: h11.Request, close: bool) -> int:
+    async def _call_native(self, request: h11.Request) -> int:
         response = await self.app(self._request(request))
         if not isinstance(response, Response):
             if isinstance(response, bytes | str):
                 response = Response(response)
             else:
                 raise TypeError(f"app returned {response!r}, not a trioherd.Response")
-        headers = [
-            (name.encode("latin-1"), value.encode("latin-1"))
-            for name, value in (
-                response.headers.items()
-                if isinstance(response.headers, dict)
-                else response.headers
-            )
-        ]
+        raw = response.headers
+        items = raw.items() if isinstance(raw, dict) else raw
+        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in items]
         body = response.body
         content_type = response.content_type
         if isinstance(body, str):
@@ -479,31 +604,34 @@ class HTTPConnection:
             headers.append((b"content-type", content_type.encode("latin-1")))
         status = response.status
         if isinstance(body, bytes | bytearray | memoryview):
-            headers.append((b"content-length", str(len(body)).encode()))
-            await self._send_complete(status, headers, bytes(body), close)
+            await self._send_complete(status, headers, bytes(body))
             return status
-        await self.send(self._head(status, headers, close))
-        if not self._no_body(status):
+        await self.send(self._head(status, headers, None))
+        if self._head_only or self._remaining == 0:
+            if hasattr(body, "aclose"):
+                await body.aclose()
+        else:
             async for chunk in body:
                 if chunk:
-                    await self.send(self.conn.send(h11.Data(data=chunk)))
-        elif hasattr(body, "aclose"):
-            await body.aclose()
-        await self.send(self.conn.send(h11.EndOfMessage()))
+                    await self.send(self._body(bytes(chunk)))
+        end = self._end()
+        if end:
+            await self.send(end)
         return status
 
     # -- ASGI apps -------------------------------------------------------------------------
 
-    async def _call_asgi(self, request: h11.Request, close: bool) -> int:
+    async def _call_asgi(self, request: h11.Request) -> int:
         target = request.target
         path, _, query = target.partition(b"?")
+        text_path = path.decode("latin-1")
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": request.http_version.decode("ascii"),
             "method": request.method.decode("ascii"),
             "scheme": self.scheme,
-            "path": unquote(path.decode("latin-1")),
+            "path": unquote(text_path) if "%" in text_path else text_path,
             "raw_path": path,
             "query_string": query,
             "root_path": "",
@@ -544,33 +672,39 @@ class HTTPConnection:
                 if not head_sent:
                     if pending_head is None:
                         raise RuntimeError("ASGI app sent a body before http.response.start")
-                    headers = pending_head
                     head_sent = True
                     if not more:
-                        if not any(n.lower() == b"content-length" for n, _ in headers):
-                            headers.append((b"content-length", str(len(body)).encode()))
-                        await self._send_complete(status, headers, body, close)
+                        await self._send_complete(status, pending_head, body)
                         response_done.set()
                         return
-                    await self.send(self._head(status, headers, close))
-                if body and not self._no_body(status):
-                    await self.send(self.conn.send(h11.Data(data=body)))
+                    data = self._head(status, pending_head, None) + self._body(body)
+                else:
+                    data = self._body(body)
                 if not more:
-                    await self.send(self.conn.send(h11.EndOfMessage()))
+                    data += self._end()
                     response_done.set()
+                if data:
+                    await self.send(data)
             else:
                 raise RuntimeError(f"unexpected ASGI message {kind!r}")
 
         try:
             await self.app(scope, receive, send)
         finally:
+            complete = response_done.is_set()
             response_done.set()
         if not head_sent:
-            if not self._response_started:
-                raise RuntimeError("ASGI app returned without sending a response")
-        elif self.conn.our_state is h11.SEND_BODY:
+            raise RuntimeError("ASGI app returned without sending a response")
+        if not complete:
             raise ClientGone()  # the app stopped mid-body: the response is incomplete
         return status
+
+
+def _wants_close(request: h11.Request) -> bool:
+    for name, value in request.headers:
+        if name == b"connection" and b"close" in value.lower():
+            return True
+    return False
 
 
 _TLS_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}

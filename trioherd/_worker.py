@@ -40,6 +40,7 @@ from ._config import Config
 from ._errors import IPCProtocolError
 from ._http import HTTPConnection, ServerState
 from ._log import setup_logging
+from ._rawstream import RawSocketStream
 
 log = logging.getLogger("trioherd.worker")
 
@@ -121,7 +122,7 @@ class Worker:
         self.drain_started = trio.Event()
         self.refused = 0
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
-        self.handler: Callable[[trio.SocketStream], Awaitable[None]] | None = None
+        self.handler: Callable[[socket.socket], Awaitable[None]] | None = None
         self.ssl_context: Any = None
         self.conn_nursery: trio.Nursery | None = None
 
@@ -154,8 +155,7 @@ class Worker:
     async def run_connection(self, sock: socket.socket) -> None:
         try:
             assert self.handler is not None
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            await self.handler(stream)
+            await self.handler(sock)
         except Exception:
             log.exception("connection handler failed")
         finally:
@@ -274,6 +274,7 @@ class Worker:
                     conns.start_soon(self._accept_guarded, listener)
                 root.start_soon(self.heartbeat)
                 root.start_soon(self.report_closed)
+                root.start_soon(self.state.sweep)
                 await ready()
                 await self.read_channel_until_drain(conns)
             # connections are done (or were cancelled at the deadline)
@@ -306,8 +307,11 @@ def app_traceback(exc: BaseException) -> str:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         filename = tb.tb_frame.f_code.co_filename
-        if not (filename.startswith(package) or filename.startswith("<frozen")
-                or "importlib" in filename):
+        if not (
+            filename.startswith(package)
+            or filename.startswith("<frozen")
+            or "importlib" in filename
+        ):
             break
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
@@ -368,43 +372,54 @@ async def _main(fd: int) -> None:
 
 def _make_handler(
     worker: Worker, app: Any, interface: str
-) -> Callable[[trio.SocketStream], Awaitable[None]]:
+) -> Callable[[socket.socket], Awaitable[None]]:
+    """The coroutine each accepted socket is given to, for the app's interface."""
     state = worker.state
     config = worker.config
     ssl_context = worker.ssl_context
-    if ssl_context is not None:
-        from ._tls import handshake
     asgi = interface == "asgi"
-
-    async def handle(stream: trio.SocketStream) -> None:
-        sock = stream.socket
-        try:
-            client: Any = sock.getpeername()
-            server: Any = sock.getsockname()
-        except OSError:
-            return
-        if not isinstance(client, tuple):
-            client = server = None
-        else:
-            client, server = client[:2], server[:2]
-        if ssl_context is not None:
-            secured = await handshake(stream, ssl_context, config.tls_handshake_timeout)
-            if secured is None:
-                return
-            tls_stream, tls = secured
-            await HTTPConnection(state, app, asgi, tls_stream, client, server, "https", tls).run()
-            return
-        await HTTPConnection(state, app, asgi, stream, client, server).run()
 
     if interface == "stream":
 
-        async def handle_stream(stream: trio.SocketStream) -> None:
+        async def handle_stream(sock: socket.socket) -> None:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             try:
                 await app(stream)
             finally:
                 await trio.aclose_forcefully(stream)
 
         return handle_stream
+
+    def addresses(sock: socket.socket) -> tuple[Any, Any]:
+        client: Any = sock.getpeername()
+        if not isinstance(client, tuple):  # a Unix socket has no client address
+            return None, None
+        return client[:2], sock.getsockname()[:2]
+
+    if ssl_context is not None:
+        from ._tls import handshake
+
+        async def handle_tls(sock: socket.socket) -> None:
+            try:
+                client, server = addresses(sock)
+            except OSError:
+                return
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            secured = await handshake(stream, ssl_context, config.tls_handshake_timeout)
+            if secured is None:
+                return
+            tls_stream, tls = secured
+            await HTTPConnection(state, app, asgi, tls_stream, client, server, "https", tls).run()
+
+        return handle_tls
+
+    async def handle(sock: socket.socket) -> None:
+        try:
+            client, server = addresses(sock)
+        except OSError:
+            return
+        await HTTPConnection(state, app, asgi, RawSocketStream(sock), client, server).run()
+
     return handle
 
 

@@ -1,0 +1,260 @@
+"""HTTP/1.1 end to end: curl and raw sockets against real workers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from conftest import CLIHerd, address_of, open_herd, receive_all, receive_until
+
+CURL = ["curl", "--silent", "--show-error", "--max-time", "30"]
+
+
+@pytest.fixture
+def native_server(cli_herd: Any) -> Iterator[CLIHerd]:
+    herd = cli_herd("apps.http_apps:native", "--workers", "2")
+    herd.wait_ready()
+    yield herd
+    assert herd.stop() == 0
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run curl; output decoded without newline translation (headers end in CRLF)."""
+    raw = subprocess.run([*CURL, *args], capture_output=True, timeout=60)
+    return subprocess.CompletedProcess(
+        raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode()
+    )
+
+
+def test_curl_get_head_chunked_post_and_expect_100(native_server: CLIHerd) -> None:
+    url = native_server.urls[0]
+    got = curl("-i", url + "/")
+    assert got.returncode == 0, got.stderr
+    head, _, body = got.stdout.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200 OK")
+    assert "server: trioherd" in head.lower() and "date: " in head.lower()
+    assert body == "Hello, World!"
+
+    head_only = curl("-I", url + "/")
+    assert head_only.stdout.startswith("HTTP/1.1 200 OK")
+    assert "content-length: 13" in head_only.stdout.lower()
+
+    chunked = curl("-H", "Transfer-Encoding: chunked", "--data-binary", "x" * 5000, url + "/echo")
+    assert chunked.stdout == "x" * 5000
+
+    expect = curl(
+        "-v", "-H", "Expect: 100-continue", "--data-binary", "y" * 2000, url + "/count"
+    )
+    assert expect.stdout == "2000"
+    assert "HTTP/1.1 100 Continue" in expect.stderr
+
+    stream = curl("-i", url + "/stream")
+    assert "transfer-encoding: chunked" in stream.stdout.lower()
+    assert stream.stdout.endswith("chunk 0\nchunk 1\nchunk 2\n")
+
+
+def test_curl_reuses_one_connection_for_100_requests(native_server: CLIHerd) -> None:
+    url = native_server.urls[0] + "/"
+    got = curl("-v", *[url] * 100)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == "Hello, World!" * 100
+    assert got.stderr.count("Connected to") == 1
+    assert got.stderr.count("Re-using existing connection") == 99
+
+
+async def raw_exchange(host: str, port: int, data: bytes, *, close: bool = True) -> bytes:
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(data)
+        with trio.fail_after(30):
+            return await receive_all(stream) if close else await receive_until(stream, b"\r\n\r\n")
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+def pid_header(response: bytes) -> str:
+    for line in response.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"x-pid":
+            return value.strip().decode()
+    raise AssertionError(f"no x-pid in {response!r}")
+
+
+GOOD = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "request_bytes", "expected"),
+    [
+        ("oversized head", b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
+        ("too many headers", b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 150 + b"\r\n", 431),
+        ("oversized body", b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"z" * 2000, 413),
+        ("oversized chunked body", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + b"7d0\r\n" + b"z" * 2000 + b"\r\n0\r\n\r\n", 413),
+        ("garbage", b"\x16\x03\x01 this is not http at all\r\n\r\n", 400),
+        ("bad header line", b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n", 400),
+        ("app exception", b"GET /boom HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 500),
+    ],
+)
+async def test_bad_requests_get_an_answer_and_the_worker_lives(
+    name: str, request_bytes: bytes, expected: int
+) -> None:
+    async with open_herd(app="apps.http_apps:native", workers=1, max_body_size=1000) as herd:
+        host, port = address_of(herd)
+        (worker,) = herd.workers
+        response = await raw_exchange(host, port, request_bytes)
+        assert status_of(response) == expected, response[:200]
+        good = await raw_exchange(host, port, GOOD)
+        assert status_of(good) == 200
+        assert pid_header(good) == str(worker.pid)
+        assert herd.workers[0].pid == worker.pid
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async with open_herd(app="apps.http_apps:native", workers=1) as herd:
+        host, port = address_of(herd)
+        requests = b"".join(
+            b"GET /info?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(10)
+        ) + b"GET /info?n=last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        data = await raw_exchange(host, port, requests)
+        queries = [json.loads(part.split(b"\r\n\r\n", 1)[1][: part.split(b"\r\n\r\n", 1)[1].index(b"}") + 1])["query"]
+                   for part in data.split(b"HTTP/1.1 200 OK")[1:]]
+        assert queries == [f"n={i}" for i in range(10)] + ["n=last"]
+
+
+async def test_slow_head_gets_408_and_close_within_the_head_timeout() -> None:
+    async with open_herd(app="apps.http_apps:native", workers=1, header_timeout=1.0) as herd:
+        host, port = address_of(herd)
+        (worker,) = herd.workers
+        stream = await trio.open_tcp_stream(host, port)
+        started = time.monotonic()
+        async with stream:
+            received = b""
+            # trickle one byte every 0.2 s: each byte would reset a per-read timer
+            with trio.fail_after(30):
+                for byte in b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"s" * 200:
+                    try:
+                        await stream.send_all(bytes([byte]))
+                    except trio.BrokenResourceError:
+                        break
+                    with trio.move_on_after(0.2):
+                        chunk = await stream.receive_some(1000)
+                        received += chunk
+                        if not chunk:
+                            break
+                received += await receive_all(stream)
+        took = time.monotonic() - started
+        assert status_of(received) == 408
+        assert took < 1.0 + 10  # the 1 s head bound, with a generous margin; not 40 s
+        good = await raw_exchange(host, port, GOOD)
+        assert pid_header(good) == str(worker.pid)
+
+
+async def test_idle_keep_alive_connection_is_closed_after_the_timeout() -> None:
+    async with open_herd(app="apps.http_apps:native", workers=1, keep_alive_timeout=0.5) as herd:
+        host, port = address_of(herd)
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            first = await receive_until(stream, b"Hello, World!")
+            assert status_of(first) == 200
+            with trio.fail_after(30):
+                assert await receive_all(stream) == b""
+
+
+def test_asgi_lifespan_startup_failure_exits_3(cli_herd: Any) -> None:
+    herd = cli_herd("apps.http_apps:asgi_lifespan_fails", "--workers", "2")
+    assert herd.process.wait(60) == 3
+    assert "cannot reach the database" in herd.stderr
+    assert "listening on" not in herd.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--workers", "0"], "--workers"),
+        (["--workers", "many"], "--workers"),
+        (["--dispatch", "random"], "--dispatch"),
+        (["--bind", "nowhere"], "--bind"),
+        (["--no-such-option"], "--no-such-option"),
+        (["--keyfile", "k.pem"], "--keyfile"),
+    ],
+)
+def test_bad_option_exits_2_naming_it(args: list[str], named: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr
+
+
+CLI = [sys.executable, "-m", "trioherd", "serve", "--name", "bad-option"]
+
+
+def test_bad_config_file_and_env_values_exit_2(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    config = tmp_path / "herd.toml"
+    config.write_text('workers = 2\ngraceful-timeout = "soon"\n')
+    env = dict(os.environ)
+    result = subprocess.run(
+        [sys.executable, "-m", "trioherd", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 2
+    assert "--graceful-timeout" in result.stderr
+    env["TRIOHERD_MAX_BODY_SIZE"] = "-5"
+    result = subprocess.run(
+        [sys.executable, "-m", "trioherd", "serve"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 2
+    assert "--max-body-size" in result.stderr
+
+
+async def test_asgi_app_with_lifespan_state_and_streaming() -> None:
+    async with open_herd(app="apps.http_apps:asgi", workers=2) as herd:
+        async with httpx.AsyncClient(base_url=herd.addresses[0]) as client:
+            reply = await client.post("/x/y?q=1", content=b"payload")
+            assert reply.json() == {
+                "path": "/x/y",
+                "query": "q=1",
+                "scheme": "http",
+                "body": "payload",
+                "state": "hello from lifespan",
+            }
+            streamed = await client.get("/stream")
+            assert streamed.text == "part 0\npart 1\npart 2\n"
+
+
+async def test_starlette_app_runs_on_the_herd() -> None:
+    async with open_herd(app="apps.http_apps:starlette_app", workers=2) as herd:
+        async with httpx.AsyncClient(base_url=herd.addresses[0]) as client:
+            home = await client.get("/")
+            assert home.text == "starlette on trio"
+            echo = await client.post("/echo", json={"a": [1, 2]})
+            assert echo.json()["got"] == {"a": [1, 2]}
+            stream = await client.get("/stream")
+            assert stream.text == "s0\ns1\ns2\n"
+            missing = await client.get("/nope")
+            assert missing.status_code == 404
+
+
+def test_demo_app_names_the_worker(cli_herd: Any) -> None:
+    herd = cli_herd("--workers", "2")
+    url = herd.wait_ready()
+    pages = {curl(url + "/").stdout for _ in range(4)}
+    assert len(pages) == 2
+    assert all(page.startswith("Hello from trioherd worker ") for page in pages)
+    assert herd.stop() == 0

@@ -1,0 +1,100 @@
+"""A trio stream over a plain non-blocking socket, for the HTTP hot path.
+
+trio's SocketStream yields to the scheduler around every call, even when the kernel could
+answer at once; on a keep-alive connection that is several scheduling rounds per request.
+This stream tries the system call first and waits (``wait_readable``/``wait_writable``)
+only when the kernel says EAGAIN. To stay fair and cancellable it checkpoints every
+:data:`YIELD_EVERY` calls that did not wait.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import trio
+
+RECEIVE_SIZE = 65536
+YIELD_EVERY = 16
+_CLOSED_ERRNOS = (errno.EBADF, errno.ENOTSOCK)
+
+
+class RawSocketStream(trio.abc.HalfCloseableStream):
+    __slots__ = ("_closed", "_unyielded", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socket = sock
+        self._closed = False
+        self._unyielded = 0
+
+    async def _fair(self) -> None:
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        sock = self.socket
+        while True:
+            try:
+                data = sock.recv(max_bytes or RECEIVE_SIZE)
+            except BlockingIOError:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream closed") from None
+                self._unyielded = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise self._translate(exc) from exc
+            await self._fair()
+            return data
+
+    async def wait_readable(self) -> None:
+        """Wait until a receive would not block (the idle wait of a keep-alive loop)."""
+        self._unyielded = 0
+        await trio.lowlevel.wait_readable(self.socket)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        sock = self.socket
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        while sent < total:
+            try:
+                sent += sock.send(view[sent:] if sent else view)
+            except BlockingIOError:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream closed") from None
+                self._unyielded = 0
+                await trio.lowlevel.wait_writable(sock)
+            except OSError as exc:
+                raise self._translate(exc) from exc
+        await self._fair()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise self._translate(exc) from exc
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+
+    def _translate(self, exc: OSError) -> Exception:
+        if self._closed or exc.errno in _CLOSED_ERRNOS:
+            return trio.ClosedResourceError("stream closed")
+        return trio.BrokenResourceError(f"socket connection broken: {exc}")
