@@ -7,25 +7,52 @@ TLS. See docs/architecture.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._app import Headers as Headers
 from ._app import Request as Request
 from ._app import Response as Response
 from ._app import stream_handler as stream_handler
-from ._cli import run as run
 from ._config import Config as Config
 from ._errors import ConfigError as ConfigError
 from ._errors import IPCProtocolError as IPCProtocolError
 from ._errors import TrioherdError as TrioherdError
 from ._errors import WorkerBootError as WorkerBootError
-from ._primary import Herd as Herd
-from ._primary import HerdEvent as HerdEvent
-from ._primary import ReloadError as ReloadError
-from ._primary import Worker as Worker
-from ._primary import serve as serve
 from ._worker import WorkerInfo as WorkerInfo
 from ._worker import current_worker as current_worker
 from ._worker import receive_from_primary as receive_from_primary
 from ._worker import send_to_primary as send_to_primary
+
+if TYPE_CHECKING:
+    from ._cli import run as run
+    from ._primary import Herd as Herd
+    from ._primary import HerdEvent as HerdEvent
+    from ._primary import ReloadError as ReloadError
+    from ._primary import Worker as Worker
+    from ._primary import serve as serve
+
+# The primary's side is imported on first use: a worker process never needs it, and every
+# module a worker does not import is memory each of N workers does not spend.
+_LAZY = {
+    "run": "_cli",
+    "Herd": "_primary",
+    "HerdEvent": "_primary",
+    "ReloadError": "_primary",
+    "Worker": "_primary",
+    "serve": "_primary",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'trioherd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"trioherd.{module_name}"), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
