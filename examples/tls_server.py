@@ -62,14 +62,16 @@ def curl_command(url: str, ca_pem: Path | None) -> str:
     return f"curl {trust}{scheme}://{host}:{port}/"
 
 
-async def serve(args: argparse.Namespace, certfile: Path, keyfile: Path, ca: Path | None) -> None:
+async def serve(
+    args: argparse.Namespace, certfile: Path, keyfile: Path | None, ca: Path | None
+) -> None:
     config = trioherd.Config(
         app=APP,
         bind=[args.bind],
         workers=args.workers,
         name=args.name,
         certfile=str(certfile),
-        keyfile=str(keyfile),
+        keyfile=str(keyfile) if keyfile else None,  # None: the key is in certfile
         handle_signals=True,  # SIGINT/SIGTERM: graceful stop; SIGHUP: rolling reload
     )
     async with trio.open_nursery() as nursery:
@@ -91,7 +93,7 @@ def main() -> None:
         parser.error("--keyfile needs --certfile")
     try:
         if args.certfile:
-            trio.run(serve, args, args.certfile, args.keyfile or args.certfile, None)
+            trio.run(serve, args, args.certfile, args.keyfile, None)
             return
         with tempfile.TemporaryDirectory(prefix="trioherd-tls-") as directory:
             ca_pem, cert_pem, key_pem = make_throwaway_certificate(Path(directory))

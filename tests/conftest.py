@@ -144,7 +144,7 @@ class CLIHerd:
     def __init__(self, args: list[str], tmp_path: Path, env: dict[str, str] | None = None):
         self.name = unique_name()
         self.log_path = tmp_path / f"{self.name}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115
+        self.log = open(self.log_path, "wb")
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
         full_env.update(env or {})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -52,9 +51,7 @@ def test_curl_get_head_chunked_post_and_expect_100(native_server: CLIHerd) -> No
     chunked = curl("-H", "Transfer-Encoding: chunked", "--data-binary", "x" * 5000, url + "/echo")
     assert chunked.stdout == "x" * 5000
 
-    expect = curl(
-        "-v", "-H", "Expect: 100-continue", "--data-binary", "y" * 2000, url + "/count"
-    )
+    expect = curl("-v", "-H", "Expect: 100-continue", "--data-binary", "y" * 2000, url + "/count")
     assert expect.stdout == "2000"
     assert "HTTP/1.1 100 Continue" in expect.stderr
 
@@ -98,10 +95,29 @@ GOOD = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 @pytest.mark.parametrize(
     ("name", "request_bytes", "expected"),
     [
-        ("oversized head", b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
-        ("too many headers", b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 150 + b"\r\n", 431),
-        ("oversized body", b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"z" * 2000, 413),
-        ("oversized chunked body", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + b"7d0\r\n" + b"z" * 2000 + b"\r\n0\r\n\r\n", 413),
+        (
+            "oversized head",
+            b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n",
+            431,
+        ),
+        (
+            "too many headers",
+            b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 150 + b"\r\n",
+            431,
+        ),
+        (
+            "oversized body",
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"z" * 2000,
+            413,
+        ),
+        (
+            "oversized chunked body",
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"7d0\r\n"
+            + b"z" * 2000
+            + b"\r\n0\r\n\r\n",
+            413,
+        ),
         ("garbage", b"\x16\x03\x01 this is not http at all\r\n\r\n", 400),
         ("bad header line", b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n", 400),
         ("app exception", b"GET /boom HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 500),
@@ -124,12 +140,17 @@ async def test_bad_requests_get_an_answer_and_the_worker_lives(
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async with open_herd(app="apps.http_apps:native", workers=1) as herd:
         host, port = address_of(herd)
-        requests = b"".join(
-            b"GET /info?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(10)
-        ) + b"GET /info?n=last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        requests = (
+            b"".join(b"GET /info?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(10))
+            + b"GET /info?n=last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
         data = await raw_exchange(host, port, requests)
-        queries = [json.loads(part.split(b"\r\n\r\n", 1)[1][: part.split(b"\r\n\r\n", 1)[1].index(b"}") + 1])["query"]
-                   for part in data.split(b"HTTP/1.1 200 OK")[1:]]
+        queries = [
+            json.loads(
+                part.split(b"\r\n\r\n", 1)[1][: part.split(b"\r\n\r\n", 1)[1].index(b"}") + 1]
+            )["query"]
+            for part in data.split(b"HTTP/1.1 200 OK")[1:]
+        ]
         assert queries == [f"n={i}" for i in range(10)] + ["n=last"]
 
 
@@ -211,13 +232,20 @@ def test_bad_config_file_and_env_values_exit_2(tmp_path: Path) -> None:
     env = dict(os.environ)
     result = subprocess.run(
         [sys.executable, "-m", "trioherd", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert result.returncode == 2
     assert "--graceful-timeout" in result.stderr
     env["TRIOHERD_MAX_BODY_SIZE"] = "-5"
     result = subprocess.run(
-        [sys.executable, "-m", "trioherd", "serve"], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "trioherd", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert result.returncode == 2
     assert "--max-body-size" in result.stderr

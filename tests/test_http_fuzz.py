@@ -17,8 +17,17 @@ TOKENS = st.sampled_from(
 TARGETS = st.sampled_from([b"/", b"/echo", b"/count", b"*", b"http://x/", b"", b"/\xff", b"/ /"])
 VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b"", b"http/1.1"])
 HEADER_NAMES = st.sampled_from(
-    [b"Host", b"Content-Length", b"Transfer-Encoding", b"Expect", b"Connection", b"X-A", b"",
-     b"Bad Name", b"\x7f"]
+    [
+        b"Host",
+        b"Content-Length",
+        b"Transfer-Encoding",
+        b"Expect",
+        b"Connection",
+        b"X-A",
+        b"",
+        b"Bad Name",
+        b"\x7f",
+    ]
 )
 HEADER_VALUES = st.one_of(
     st.sampled_from([b"1", b"-1", b"chunked", b"100-continue", b"close", b"99999999999", b"a\rb"]),
@@ -60,8 +69,17 @@ def exchange(port: int, data: bytes) -> bytes:
 
 def test_random_bytes_never_break_the_worker(tmp_path: Path) -> None:
     herd = CLIHerd(
-        ["apps.http_apps:native", "--workers", "1", "--header-timeout", "5",
-         "--keep-alive-timeout", "5", "--log-level", "critical"],
+        [
+            "apps.http_apps:native",
+            "--workers",
+            "1",
+            "--header-timeout",
+            "5",
+            "--keep-alive-timeout",
+            "5",
+            "--log-level",
+            "critical",
+        ],
         tmp_path,
     )
     try:

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--timeout", type=float, default=120.0, help="seconds to wait for the herd to exit"
             )
     scale = commands.add_parser("scale", help="set the number of workers: N, +N or -N")
-    scale.add_argument("count", help="N, +N or -N")
+    scale.add_argument("count", nargs="?", help="N, +N or -N")
     scale.add_argument("--name", default="default", help="herd name (default: default)")
     return parser
 
@@ -82,10 +82,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_cli(argv: list[str]) -> int:
     parser = _parser()
-    # "scale -1" must not read -1 as an option
-    if len(argv) >= 2 and argv[0] == "scale" and argv[1][:1] == "-":
-        argv = [argv[0], "--", *argv[1:]] if "--" not in argv else argv
+    # "scale -1" must not read -1 as an option: take it out before argparse sees it
+    negative = None
+    if argv and argv[0] == "scale":
+        for index, token in enumerate(argv[1:], 1):
+            if token[:1] == "-" and token[1:].isdigit():
+                negative = token
+                argv = argv[:index] + argv[index + 1 :]
+                break
     args = parser.parse_args(argv)
+    if args.command == "scale":
+        args.count = negative or args.count
+        if args.count is None:
+            parser.error("scale needs N, +N or -N")
     if args.command == "serve":
         return _serve_command(args)
     return _control_command(args)

@@ -334,6 +334,7 @@ class Herd:
             v=_ipc.PROTOCOL_VERSION,
             id=worker_id,
             slot=slot.index,
+            limit=worker.request_limit,
             config=self.config.to_wire(),
         )
         channel.try_send(init, fds if self.config.dispatch == "shared" else ())

@@ -125,6 +125,16 @@ class Worker:
         self.handler: Callable[[socket.socket], Awaitable[None]] | None = None
         self.ssl_context: Any = None
         self.conn_nursery: trio.Nursery | None = None
+        # past this many requests the primary recycles us: tell it at once, not at the
+        # next heartbeat
+        self.request_limit = int(init.get("limit", 0))
+        self.beat_now = trio.Event()
+        if self.request_limit:
+            self.state.on_request = self._check_limit
+
+    def _check_limit(self) -> None:
+        if self.state.stats.requests == self.request_limit:
+            self.beat_now.set()
 
     # -- boot ------------------------------------------------------------------------
 
@@ -187,7 +197,9 @@ class Worker:
             stats["open"] = self.open
             stats["refused"] = self.refused
             await self.channel.send(_ipc.encode("beat", stats=stats))
-            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                await self.beat_now.wait()
+            self.beat_now = trio.Event()
 
     async def accept_loop(self, listener: socket.socket) -> None:
         """``shared`` policy: accept on the listening socket until full or draining."""

@@ -67,7 +67,9 @@ async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += message.get("body", b"")
         more = message.get("more_body", False)
     if scope["path"] == "/stream":
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-pid", PID.encode())]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"x-pid", PID.encode())]}
+        )
         for i in range(3):
             await send({"type": "http.response.body", "body": b"part %d\n" % i, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

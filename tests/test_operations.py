@@ -1,0 +1,291 @@
+"""Operations: rolling reload, scaling, the control socket, recycling, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from conftest import CLIHerd, open_herd, wait_until
+
+VERSION_APP = """
+import os
+from trioherd import Response
+
+async def app(request):
+    return Response("{body}", headers={{"x-pid": str(os.getpid())}})
+"""
+
+
+def write_app(directory: Path, body: str) -> None:
+    (directory / "version_app.py").write_text(VERSION_APP.format(body=body))
+
+
+def status_of(herd: CLIHerd) -> dict[str, Any]:
+    return json.loads(herd.control("status", "--json").stdout)
+
+
+class Load:
+    """Clients hammering the herd from threads: fresh connections and keep-alive ones.
+    Bounded: they stop when told, or after 120 s at the latest."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.errors: list[str] = []
+        self.bodies: list[str] = []
+        self.pids: set[str] = set()
+        self.count = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._fresh, daemon=True),
+            threading.Thread(target=self._keep_alive, daemon=True),
+            threading.Thread(target=self._keep_alive, daemon=True),
+        ]
+
+    def _record(self, response: httpx.Response) -> None:
+        with self._lock:
+            self.count += 1
+            if response.status_code != 200:
+                self.errors.append(f"status {response.status_code}")
+            self.bodies.append(response.text)
+            self.pids.add(response.headers["x-pid"])
+
+    def _run(self, client: httpx.Client) -> None:
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self._record(client.get(self.url))
+            except httpx.HTTPError as exc:
+                with self._lock:
+                    self.errors.append(repr(exc))
+
+    def _fresh(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(limits=limits, timeout=30) as client:
+            self._run(client)
+
+    def _keep_alive(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            self._run(client)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        assert wait_until(lambda: self.count > 20, 30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def test_reload_under_load_drops_nothing_and_serves_new_code(
+    cli_herd: Any, tmp_path: Path
+) -> None:
+    write_app(tmp_path, "version one")
+    herd = cli_herd("version_app:app", "--workers", "2")
+    herd.wait_ready()
+    old_pids = {w["pid"] for w in status_of(herd)["workers"]}
+    write_app(tmp_path, "version two")
+    with Load(herd.urls[0] + "/") as load:
+        before = load.count
+        result = herd.control("reload")
+        assert "reloaded" in result.stdout
+        assert wait_until(lambda: load.bodies[-1] == "version two", 30)
+        seen = load.count
+        assert wait_until(lambda: load.count > seen + 20, 30)
+    assert load.errors == []
+    assert load.count > before
+    new_pids = {w["pid"] for w in status_of(herd)["workers"]}
+    assert len(new_pids) == 2 and not (new_pids & old_pids)
+    assert status_of(herd)["reloads"] == 1
+    assert load.bodies[-1] == "version two"
+    assert herd.stop() == 0
+
+
+def test_reload_with_a_broken_app_keeps_the_old_workers(cli_herd: Any, tmp_path: Path) -> None:
+    write_app(tmp_path, "still good")
+    herd = cli_herd("version_app:app", "--workers", "2")
+    herd.wait_ready()
+    old_pids = {w["pid"] for w in status_of(herd)["workers"]}
+    (tmp_path / "version_app.py").write_text("raise ImportError('half-deployed release')\n")
+    result = herd.control("reload", check=False)
+    assert result.returncode != 0
+    assert "half-deployed release" in result.stderr
+    assert {w["pid"] for w in status_of(herd)["workers"]} == old_pids
+    with httpx.Client() as client:
+        assert client.get(herd.urls[0]).text == "still good"
+    assert "reload of slot 0 failed" in herd.stderr
+    assert herd.stop() == 0
+
+
+def test_scale_with_the_cli_and_with_signals(cli_herd: Any, tmp_path: Path) -> None:
+    write_app(tmp_path, "scaled")
+    herd = cli_herd("version_app:app", "--workers", "2")
+    herd.wait_ready()
+
+    def ready_workers() -> int:
+        return sum(1 for w in status_of(herd)["workers"] if w["state"] == "ready")
+
+    herd.control("scale", "+2")
+    assert ready_workers() == 4 and status_of(herd)["size"] == 4
+    herd.control("scale", "-2")
+    assert wait_until(lambda: len(status_of(herd)["workers"]) == 2, 30)
+    herd.control("scale", "3")
+    assert ready_workers() == 3
+    assert herd.control("scale", "0", check=False).returncode == 1
+    herd.process.send_signal(signal.SIGTTIN)
+    assert wait_until(lambda: ready_workers() == 4, 30)
+    herd.process.send_signal(signal.SIGTTOU)
+    assert wait_until(lambda: len(status_of(herd)["workers"]) == 3, 30)
+    # a scale survives a reload
+    herd.control("reload")
+    assert status_of(herd)["size"] == 3 and ready_workers() == 3
+    table = herd.control("status").stdout
+    assert "restarts" in table and table.count("ready") == 3
+    assert herd.stop() == 0
+
+
+def test_control_socket_permissions_and_second_herd_refused(cli_herd: Any, tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    first = cli_herd("--workers", "1", env=env)
+    first.wait_ready()
+    directory = runtime / "trioherd"
+    path = directory / f"{first.name}.sock"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    second = cli_herd("--workers", "1", "--name", first.name, env=env)
+    assert second.process.wait(60) == 2
+    assert "already running" in second.stderr and "--name" in second.stderr
+    assert first.stop() == 0
+    assert not path.exists()
+    # a stale socket (its herd was SIGKILLed) is cleaned up by the next herd
+    third = cli_herd("--workers", "1", "--name", first.name, env=env)
+    third.wait_ready()
+    third.process.kill()
+    third.process.wait(10)
+    assert path.exists()
+    fourth = cli_herd("--workers", "1", "--name", first.name, env=env)
+    fourth.wait_ready()
+    assert fourth.stop() == 0
+
+
+async def test_max_requests_recycles_one_slot_at_a_time_without_failures() -> None:
+    async with open_herd(
+        app="apps.http_apps:native",
+        workers=2,
+        max_requests=50,
+        max_requests_jitter=10,
+        worker_timeout=2.0,
+    ) as herd:
+        events = herd.events()
+        first_pids = {w.pid for w in herd.workers}
+        failures = 0
+        pids: set[str] = set()
+        fresh = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=herd.addresses[0], timeout=30, limits=fresh
+        ) as client:
+            for _ in range(500):
+                try:
+                    response = await client.get("/")
+                except httpx.HTTPError:
+                    failures += 1
+                    continue
+                if response.status_code != 200:
+                    failures += 1
+                pids.add(response.headers["x-pid"])
+                # never both slots recycling: at most one worker more than the size
+                assert len(herd.workers) <= 3
+                assert sum(1 for w in herd.workers if w.state == "ready") >= 1
+        assert failures == 0
+        replaced = first_pids - {w.pid for w in herd.workers}
+        assert replaced, "no worker was recycled"
+        assert len(pids) > 2
+        kinds = []
+        with trio.move_on_after(1):
+            async for event in events:
+                kinds.append(event.kind)
+        assert "exit" in kinds and "ready" in kinds
+        assert herd.respawns.get("max-requests", 0) >= 2
+
+
+async def test_metrics_totals_match_the_requests_sent() -> None:
+    async with open_herd(
+        app="apps.http_apps:native", workers=2, metrics_bind="127.0.0.1:0"
+    ) as herd:
+        assert herd.metrics_url is not None
+        async with httpx.AsyncClient(base_url=herd.addresses[0]) as client:
+            for _ in range(37):
+                assert (await client.get("/")).status_code == 200
+            for _ in range(5):
+                assert (await client.get("/boom")).status_code == 500
+
+        async def scrape() -> dict[str, float]:
+            async with httpx.AsyncClient() as client:
+                text = (await client.get(herd.metrics_url)).text
+            values = {}
+            for line in text.splitlines():
+                if line and not line.startswith("#"):
+                    name, _, value = line.rpartition(" ")
+                    values[name] = float(value)
+            return values
+
+        with trio.fail_after(30):
+            while True:
+                metrics = await scrape()
+                if metrics['trioherd_requests_total{status="2xx"}'] == 37 and (
+                    metrics['trioherd_requests_total{status="5xx"}'] == 5
+                ):
+                    break
+                await trio.sleep(0.2)
+        assert metrics["trioherd_workers"] == 2
+        assert metrics['trioherd_requests_total{status="4xx"}'] == 0
+
+
+def test_sighup_reloads_and_sigterm_twice_stops_at_once(cli_herd: Any, tmp_path: Path) -> None:
+    write_app(tmp_path, "hup")
+    herd = cli_herd("version_app:app", "--workers", "2", "--graceful-timeout", "30")
+    herd.wait_ready()
+    old = {w["pid"] for w in status_of(herd)["workers"]}
+    herd.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: not ({w["pid"] for w in status_of(herd)["workers"]} & old), 60)
+    # a connection that never ends would hold a graceful stop for 30 s; a second signal
+    # stops at once
+    blocker = socket.create_connection(("127.0.0.1", herd.port))
+    blocker.sendall(b"GET /slow?s=100 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.3)
+    herd.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    herd.process.send_signal(signal.SIGTERM)
+    assert herd.process.wait(20) == 1
+    blocker.close()
+    herd.close()
+
+
+def test_status_of_a_missing_herd_fails_clearly() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trioherd", "status", "--name", "no-such-herd-here"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert result.returncode == 1
+    assert "no herd named 'no-such-herd-here' is running" in result.stderr
