@@ -289,3 +289,31 @@ def test_status_of_a_missing_herd_fails_clearly() -> None:
     )
     assert result.returncode == 1
     assert "no herd named 'no-such-herd-here' is running" in result.stderr
+
+
+def test_sd_notify_ready_reloading_stopping(cli_herd: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(60)
+    try:
+        herd = cli_herd("--workers", "1", env={"NOTIFY_SOCKET": path})
+        herd.wait_ready()
+
+        def next_message() -> dict[str, str]:
+            data = receiver.recv(4096).decode()
+            return dict(line.split("=", 1) for line in data.splitlines())
+
+        ready = next_message()
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(herd.process.pid)
+        (worker,) = status_of(herd)["workers"]
+        with open(f"/proc/{worker['pid']}/environ", "rb") as file:
+            assert b"NOTIFY_SOCKET=" not in file.read()  # only the primary talks to systemd
+        herd.process.send_signal(signal.SIGHUP)
+        assert next_message()["RELOADING"] == "1"
+        assert next_message()["READY"] == "1"
+        herd.process.send_signal(signal.SIGTERM)
+        assert next_message()["STOPPING"] == "1"
+        assert herd.process.wait(60) == 0
+    finally:
+        receiver.close()

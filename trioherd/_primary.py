@@ -34,6 +34,7 @@ from ._config import Config
 from ._errors import IPCProtocolError, TrioherdError, WorkerBootError
 from ._listeners import Listener, is_transient_accept_error, open_listeners
 from ._policy import Dispatcher, backoff_delay, request_limit, should_recycle
+from ._systemd import Notifier
 
 log = logging.getLogger("trioherd.primary")
 
@@ -173,7 +174,9 @@ class Herd:
         self._rolling = trio.Lock()
         self._conn_messages = [_ipc.encode("conn", l=i) for i in range(len(listeners))]
         self._env = self._worker_env()
-        self.on_state_change: Callable[[str], None] | None = None
+        self.on_state_change: Callable[[str], None] | None = Notifier(
+            os.environ.get("NOTIFY_SOCKET")
+        )
 
     # -- public API --------------------------------------------------------------------
 
