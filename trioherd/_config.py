@@ -198,6 +198,10 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
 
+def _app_string(value: Any) -> str | None:
+    return value if value is None or isinstance(value, str) else import_string_of(value)
+
+
 def _tuple_of_str(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
@@ -214,7 +218,7 @@ class Config:
     A callable is accepted too and turned into its import string.
     """
 
-    app: str | None = attrs.field(default=None)
+    app: str | None = attrs.field(default=None, converter=_app_string)
     bind: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     uds: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     fd: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_int)
@@ -410,9 +414,6 @@ def make_config(**values: Any) -> Config:
             raise ConfigError(key, "unknown option")
     if values.get("workers") is None:
         values.pop("workers", None)
-    app = values.get("app")
-    if app is not None and not isinstance(app, str):
-        values["app"] = import_string_of(app)
     return Config(**values)
 
 

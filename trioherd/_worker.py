@@ -37,7 +37,7 @@ import trio
 
 from . import _app, _ipc
 from ._config import Config
-from ._errors import IPCProtocolError
+from ._errors import ConfigError, IPCProtocolError
 from ._http import HTTPConnection, ServerState
 from ._log import setup_logging
 from ._rawstream import RawSocketStream
@@ -357,6 +357,8 @@ async def _main(fd: int) -> None:
     setup_logging(worker.config.log_level, f"w{worker.info.id}")
     try:
         app, interface = worker.load()
+    except ConfigError as exc:  # e.g. certificate files that broke since the primary checked
+        _boot_failed(channel, f"trioherd: error: {exc}")
     except BaseException as exc:
         _boot_failed(channel, app_traceback(exc))
 
