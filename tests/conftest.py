@@ -141,20 +141,31 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
 class CLIHerd:
     """``python -m trioherd serve ...`` in a subprocess, with its stderr in a file."""
 
-    def __init__(self, args: list[str], tmp_path: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        tmp_path: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ):
+        """``python -m trioherd serve ARGS`` (port 0 and a unique name added unless
+        given), or ``command`` as it is."""
         self.name = unique_name()
         self.log_path = tmp_path / f"{self.name}.log"
+        self.out_path = tmp_path / f"{self.name}.out"
         self.log = open(self.log_path, "wb")
+        self.out = open(self.out_path, "wb")
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
         full_env.update(env or {})
-        command = [sys.executable, "-m", "trioherd", "serve", *args]
-        if "--name" not in args:
-            command += ["--name", self.name]
-        if not any(a.startswith("--bind") or a.startswith("--uds") for a in args):
-            command += ["--bind", "127.0.0.1:0"]
+        if command is None:
+            command = [sys.executable, "-m", "trioherd", "serve", *args]
+            if "--name" not in args:
+                command += ["--name", self.name]
+            if not any(a.startswith("--bind") or a.startswith("--uds") for a in args):
+                command += ["--bind", "127.0.0.1:0"]
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=self.log, env=full_env, cwd=tmp_path
+            command, stdout=self.out, stderr=self.log, env=full_env, cwd=tmp_path
         )
         self.urls: list[str] = []
 
@@ -206,6 +217,7 @@ class CLIHerd:
             self.process.kill()
             self.process.wait(10)
         self.log.close()
+        self.out.close()
 
 
 @pytest.fixture

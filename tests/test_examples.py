@@ -2,75 +2,38 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT, unique_name, wait_until
+from conftest import ROOT, CLIHerd, unique_name, wait_until
 
 EXAMPLES = ROOT / "examples"
 
 
-class Example:
-    def __init__(self, args: list[str], tmp_path: Path) -> None:
-        self.log_path = tmp_path / "example.log"
-        self.out_path = tmp_path / "example.out"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115
-        self.out = open(self.out_path, "wb")  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = subprocess.Popen(
-            [sys.executable, *args, "--bind", "127.0.0.1:0", "--name", unique_name()],
-            stdout=self.out, stderr=self.log, env=env, cwd=ROOT,
-        )
-
-    def url(self) -> str:
-        def ready() -> bool:
-            return "listening on" in self.log_path.read_text() or self.process.poll() is not None
-
-        assert wait_until(ready, 60), self.log_path.read_text()
-        for line in self.log_path.read_text().splitlines():
-            if "listening on " in line:
-                return line.split("listening on ", 1)[1].strip()
-        raise AssertionError(self.log_path.read_text())
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
-        self.out.close()
-
-
 @pytest.fixture
-def example(tmp_path: Path) -> Iterator[object]:
-    started: list[Example] = []
+def example(tmp_path: Path) -> Iterator[Callable[..., CLIHerd]]:
+    """Start ``python ARGS --bind 127.0.0.1:0 --name <unique>`` from the repository root."""
+    started: list[CLIHerd] = []
 
-    def start(*args: str) -> Example:
-        started.append(Example(list(args), tmp_path))
-        return started[-1]
+    def start(*args: str) -> CLIHerd:
+        command = [sys.executable, *args, "--bind", "127.0.0.1:0", "--name", unique_name()]
+        herd = CLIHerd([], tmp_path, {"PYTHONPATH": str(ROOT)}, command)
+        started.append(herd)
+        return herd
 
     yield start
-    for item in started:
-        item.close()
+    for herd in started:
+        herd.close()
 
 
-def test_echo_example(example: object) -> None:
-    echo = example(str(EXAMPLES / "echo.py"), "--workers", "2")  # type: ignore[operator]
-    port = int(echo.url().rsplit(":", 1)[1])
+def test_echo_example(example: Callable[..., CLIHerd]) -> None:
+    echo = example(str(EXAMPLES / "echo.py"), "--workers", "2")
+    port = int(echo.wait_ready().rsplit(":", 1)[1])
     answers = set()
     for _ in range(2):
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -81,26 +44,26 @@ def test_echo_example(example: object) -> None:
     assert echo.stop() == 0
 
 
-def test_hello_example(example: object) -> None:
-    hello = example(str(EXAMPLES / "hello.py"), "--workers", "2")  # type: ignore[operator]
-    url = hello.url()
+def test_hello_example(example: Callable[..., CLIHerd]) -> None:
+    hello = example(str(EXAMPLES / "hello.py"), "--workers", "2")
+    url = hello.wait_ready()
     with httpx.Client() as client:
         assert client.get(url + "/?name=herd").text == "Hello, herd!\n"
         assert client.post(url, content=b"back").text == "back"
     assert hello.stop() == 0
 
 
-def test_asgi_example_through_the_cli(example: object) -> None:
-    asgi = example("-m", "trioherd", "serve", "examples.asgi_app:app", "--workers", "2")  # type: ignore[operator]
+def test_asgi_example_through_the_cli(example: Callable[..., CLIHerd]) -> None:
+    asgi = example("-m", "trioherd", "serve", "examples.asgi_app:app", "--workers", "2")
     with httpx.Client() as client:
-        reply = client.get(asgi.url() + "/x").json()
+        reply = client.get(asgi.wait_ready() + "/x").json()
     assert reply["path"] == "/x" and reply["worker_pid"] > 0
     assert asgi.stop() == 0
 
 
-def test_count_requests_example_tallies_per_pid(example: object) -> None:
-    counter = example(str(EXAMPLES / "count_requests.py"), "--workers", "2")  # type: ignore[operator]
-    url = counter.url()
+def test_count_requests_example_tallies_per_pid(example: Callable[..., CLIHerd]) -> None:
+    counter = example(str(EXAMPLES / "count_requests.py"), "--workers", "2")
+    url = counter.wait_ready()
     with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
         pids = [client.get(url).text.split()[-1] for _ in range(10)]
     expected = {int(pid): pids.count(pid) for pid in set(pids)}

@@ -314,3 +314,55 @@ def test_inherited_fd_listener(cli_herd: Any, tmp_path: Path) -> None:
             process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+async def test_full_herd_with_two_listeners_resumes_both() -> None:
+    async with open_herd(
+        app="apps.raw:hold_pid", workers=1, max_connections=1,
+        bind=["127.0.0.1:0", "127.0.0.1:0"],
+    ) as herd:
+        ports = [int(url.rsplit(":", 1)[1]) for url in herd.addresses]
+        first = await trio.open_tcp_stream("127.0.0.1", ports[0])
+        await receive_until(first, b"\n")  # the only worker is now full
+        waiting = [await trio.open_tcp_stream("127.0.0.1", port) for port in ports]
+        await trio.sleep(0.3)
+        assert herd.workers[0].open_connections == 1  # the others wait in the backlogs
+        served = []
+
+        async def served_then_leave(stream: trio.SocketStream) -> None:
+            served.append(int(await receive_until(stream, b"\n")))
+            await stream.aclose()  # makes room for the other one
+
+        await first.aclose()
+        with trio.fail_after(30):  # each listener's client is served, in either order
+            async with trio.open_nursery() as nursery:
+                for stream in waiting:
+                    nursery.start_soon(served_then_leave, stream)
+        assert served == [herd.workers[0].pid] * 2
+
+
+def test_sigterm_while_booting_exits_0_without_a_traceback(cli_herd: Any) -> None:
+    herd = cli_herd("apps.slow_boot:app", "--workers", "2", "--log-level", "debug")
+    # the workers take 3 s to import the app; stop as soon as the primary has spawned them
+    assert wait_until(lambda: herd.stderr.count("spawned worker") == 2, 30), herd.stderr
+    herd.process.send_signal(signal.SIGTERM)
+    assert herd.process.wait(60) == 0
+    assert "Traceback" not in herd.stderr
+    assert "listening on" not in herd.stderr
+
+
+async def test_shared_dispatch_counts_open_connections_from_the_workers() -> None:
+    async with open_herd(app="apps.raw:hold_pid", workers=2, dispatch="shared",
+                         worker_timeout=1.0) as herd:
+        streams = [await connect(herd) for _ in range(6)]
+        for stream in streams:
+            await receive_until(stream, b"\n")
+        with trio.fail_after(30):
+            while sum(w.open_connections for w in herd.workers) != 6:
+                await trio.sleep(0.05)
+        for stream in streams:
+            await stream.aclose()
+        with trio.fail_after(30):
+            while any(w.open_connections for w in herd.workers):
+                await trio.sleep(0.05)
+        assert all(w.open_connections == 0 for w in herd.workers)

@@ -236,6 +236,10 @@ async def test_metrics_totals_match_the_requests_sent() -> None:
                 assert (await client.get("/")).status_code == 200
             for _ in range(5):
                 assert (await client.get("/boom")).status_code == 500
+            too_many = {f"x-{i}": "1" for i in range(150)}
+            assert (await client.get("/", headers=too_many)).status_code == 431
+        # counters of replaced workers are kept: reload, then count
+        await herd.reload()
 
         async def scrape() -> dict[str, float]:
             async with httpx.AsyncClient() as client:
@@ -256,7 +260,8 @@ async def test_metrics_totals_match_the_requests_sent() -> None:
                     break
                 await trio.sleep(0.2)
         assert metrics["trioherd_workers"] == 2
-        assert metrics['trioherd_requests_total{status="4xx"}'] == 0
+        assert metrics['trioherd_requests_total{status="4xx"}'] == 1  # the 431
+        assert metrics["trioherd_reloads_total"] == 1
 
 
 def test_sighup_reloads_and_sigterm_twice_stops_at_once(cli_herd: Any, tmp_path: Path) -> None:
@@ -317,3 +322,59 @@ def test_sd_notify_ready_reloading_stopping(cli_herd: Any, tmp_path: Path) -> No
         assert herd.process.wait(60) == 0
     finally:
         receiver.close()
+
+
+async def test_max_memory_recycles_a_worker_that_grows() -> None:
+    async with open_herd(
+        app="apps.http_apps:native", workers=1, max_memory=120, worker_timeout=1.0
+    ) as herd:
+        (worker,) = herd.workers
+        async with httpx.AsyncClient(base_url=herd.addresses[0], timeout=30) as client:
+            assert (await client.get("/grow?mb=150")).status_code == 200
+            with trio.fail_after(30):
+                while worker.pid in {w.pid for w in herd.workers}:
+                    await trio.sleep(0.1)
+            reply = await client.get("/")
+            assert reply.status_code == 200 and reply.headers["x-pid"] != str(worker.pid)
+        assert herd.respawns.get("max-memory") == 1
+        assert worker.exit_code == 0 and worker.requested_disconnect
+
+
+async def test_a_slot_that_keeps_crashing_backs_off(caplog: Any) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="trioherd")
+    async with open_herd(app="apps.http_apps:native", workers=1, min_uptime=60) as herd:
+        for expected_restarts in (1, 2, 3):
+            (worker,) = herd.workers
+            async with httpx.AsyncClient(base_url=herd.addresses[0], timeout=30) as client:
+                try:
+                    await client.get("/die")
+                except httpx.HTTPError:
+                    pass
+            with trio.fail_after(30):
+                while not any(w.pid != worker.pid and w.state == "ready" for w in herd.workers):
+                    await trio.sleep(0.05)
+            assert herd.workers[0].restarts == expected_restarts
+        # 0.1 s, then 0.2 s, then 0.4 s: each crash within min_uptime doubles the wait
+        assert "respawning slot 0 in 0.1s" in caplog.text
+        assert "respawning slot 0 in 0.2s" in caplog.text
+        assert "respawning slot 0 in 0.4s" in caplog.text
+        assert "died: exit code 1" in caplog.text
+        assert herd.respawns["crash"] == 3
+
+
+def test_access_log_line(cli_herd: Any, tmp_path: Path) -> None:
+    herd = cli_herd(
+        "apps.http_apps:native", "--workers", "1", "--access-log", "--log-level", "warning"
+    )
+    url = herd.wait_ready()
+    with httpx.Client() as client:
+        assert client.get(url + "/info?x=1").status_code == 200
+    assert wait_until(lambda: '"GET /info?x=1 HTTP/1.1" 200 ' in herd.stderr, 10), herd.stderr
+    line = next(line for line in herd.stderr.splitlines() if "/info?x=1" in line)
+    # client, request line, status, bytes sent, duration, worker id
+    assert " 127.0.0.1:" in line and line.rstrip().endswith("w1")
+    fields = line.split('" 200 ', 1)[1].split()
+    assert int(fields[0]) > 100 and fields[1].endswith("ms")
+    assert herd.stop() == 0

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ._primary import Herd as Herd
     from ._primary import HerdEvent as HerdEvent
     from ._primary import ReloadError as ReloadError
+    from ._primary import StoppedBeforeReady as StoppedBeforeReady
     from ._primary import Worker as Worker
     from ._primary import serve as serve
 
@@ -38,6 +39,7 @@ _LAZY = {
     "Herd": "_primary",
     "HerdEvent": "_primary",
     "ReloadError": "_primary",
+    "StoppedBeforeReady": "_primary",
     "Worker": "_primary",
     "serve": "_primary",
 }
@@ -66,6 +68,7 @@ __all__ = [
     "ReloadError",
     "Request",
     "Response",
+    "StoppedBeforeReady",
     "TrioherdError",
     "Worker",
     "WorkerBootError",

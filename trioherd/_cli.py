@@ -22,7 +22,7 @@ from . import _control
 from ._config import OPTIONS, Config, build_config, make_config
 from ._errors import ConfigError, WorkerBootError
 from ._log import setup_logging
-from ._primary import Herd, serve
+from ._primary import Herd, StoppedBeforeReady, serve
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -123,6 +123,8 @@ def run_config(config: Config) -> int:
     except WorkerBootError as exc:
         print(f"trioherd: the app could not boot:\n{exc.text.rstrip()}", file=sys.stderr)
         return EXIT_BOOT
+    except StoppedBeforeReady:
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_FAILED
     return EXIT_FAILED if herd is not None and herd.forced else EXIT_OK

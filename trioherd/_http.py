@@ -285,10 +285,10 @@ class HTTPConnection:
                 linger = await self._serve_requests()
             if self.scope.cancelled_caught and self.expired in (HEAD, BODY):
                 what = "head" if self.expired == HEAD else "body"
-                await self._send_error(408, f"request {what} not received in time")
+                await self._reject(408, f"request {what} not received in time")
                 linger = True
         except h11.RemoteProtocolError as exc:
-            await self._send_error(exc.error_status_hint, str(exc))
+            await self._reject(exc.error_status_hint, str(exc))
             linger = True
         except _STREAM_ERRORS:
             pass
@@ -364,7 +364,7 @@ class HTTPConnection:
         config = self.state.config
         headers = request.headers
         if len(headers) > config.max_header_count:
-            await self._send_error(431, "too many header fields")
+            await self._reject(431, "too many header fields")
             return False
         # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
         size = len(request.method) + len(request.target) + 12
@@ -374,12 +374,13 @@ class HTTPConnection:
             if name == b"content-length":
                 content_length = int(value)
         if size > config.max_header_size:
-            await self._send_error(431, "request head too large")
+            await self._reject(431, "request head too large")
             return False
         if content_length is not None and content_length > config.max_body_size:
-            await self._send_error(413, "request body too large")
+            await self._reject(413, "request body too large")
             return False
-        started_at = time.perf_counter() if config.access_log else 0.0
+        started_at = self.started_at()
+        sent_before = self.state.stats.bytes_out
         self.response_started = False
         self.sent_continue = False
         self._head_only = request.method == b"HEAD"
@@ -397,6 +398,11 @@ class HTTPConnection:
                 await self._send_error(413, "request body too large")
             return False
         except ClientGone:
+            status = 499  # the client went away before the response was complete
+            return False
+        except h11.RemoteProtocolError as exc:  # a malformed body, read by the app
+            status = exc.error_status_hint
+            await self._send_error(status, str(exc))
             return False
         except _STREAM_ERRORS:
             raise
@@ -410,10 +416,12 @@ class HTTPConnection:
             await self._send_error(500, None)
             return False
         finally:
-            self._count(request, status, started_at)
+            self._count(request, status, started_at, self.state.stats.bytes_out - sent_before)
         return True
 
-    def _count(self, request: h11.Request, status: int, started_at: float) -> None:
+    def _count(
+        self, request: h11.Request | None, status: int, started_at: float, sent: int
+    ) -> None:
         stats = self.state.stats
         stats.requests += 1
         stats.status[min(status // 100, 5)] += 1
@@ -421,13 +429,18 @@ class HTTPConnection:
             self.state.on_request()
         if started_at:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+            line = (
+                f"{request.method.decode()} {request.target.decode('latin-1')} "
+                f"HTTP/{request.http_version.decode()}"
+                if request is not None
+                else "-"
+            )
             access_log.info(
-                '%s "%s %s HTTP/%s" %d %.1fms w%d',
+                '%s "%s" %d %d %.1fms w%d',
                 client,
-                request.method.decode(),
-                request.target.decode("latin-1"),
-                request.http_version.decode(),
+                line,
                 status,
+                sent,
                 (time.perf_counter() - started_at) * 1000,
                 self.state.worker_id,
             )
@@ -476,6 +489,8 @@ class HTTPConnection:
             parts.append(b"date: %s\r\n" % http_date())
         if not has_server:
             parts.append(b"server: trioherd\r\n")
+        if self.state.draining:  # a drain began while this request was being served
+            self.keep_alive = False
         bodyless = status in (204, 304) or status < 200
         self._chunked = False
         self._remaining = None
@@ -527,6 +542,17 @@ class HTTPConnection:
         if body and not self._head_only and status not in (204, 304):
             data += body
         await self.send(data)
+
+    async def _reject(self, status: int, detail: str) -> None:
+        """An error answer to a request the app never saw; counted and logged like any."""
+        if self.response_started:
+            return
+        before = self.state.stats.bytes_out
+        await self._send_error(status, detail)
+        self._count(None, status, self.started_at(), self.state.stats.bytes_out - before)
+
+    def started_at(self) -> float:
+        return time.perf_counter() if self.state.config.access_log else 0.0
 
     async def _send_error(self, status: int, detail: str | None) -> None:
         if self.response_started:

@@ -29,6 +29,7 @@ from ._errors import IPCProtocolError
 PROTOCOL_VERSION = 1
 MAX_FDS = 16
 MAX_PACKET = 256 * 1024
+MAX_MESSAGE = 64 * 1024  # what send_to_primary() accepts: well within a socket buffer
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
 

@@ -25,6 +25,8 @@ class Listener:
     uds_path: str | None = None
 
     def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return  # closed already (the path may belong to someone else by now)
         self.sock.close()
         if self.uds_path:
             with contextlib.suppress(OSError):

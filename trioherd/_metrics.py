@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._config import parse_host_port
+from ._errors import ConfigError
 
 if TYPE_CHECKING:
     from ._primary import Herd
@@ -115,7 +116,10 @@ async def serve_metrics(
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError("metrics_bind", f"{herd.config.metrics_bind}: {exc.strerror}") from None
     sockname = listeners[0].socket.getsockname()
     shown = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
     herd.metrics_url = f"http://{shown}:{sockname[1]}/metrics"

@@ -43,6 +43,10 @@ EVENT_BUFFER = 1000
 _WORKER_COMMAND = "import trioherd._worker as w; w.main()"
 
 
+class StoppedBeforeReady(TrioherdError):
+    """A stop (a signal, ``herd.stop()``) came while the herd was still booting."""
+
+
 class ReloadError(TrioherdError):
     """A replacement worker failed to boot; the reload stopped and old workers still serve."""
 
@@ -93,6 +97,10 @@ class Worker:
     boot_error: str | None = None
     request_limit: int = 0
     recycling: str | None = None
+    recycle_after: float = 0.0
+    killed_for: str | None = None
+    protocol_error: bool = False
+    shared: bool = False
     exit_code: int | None = None
     exit_signal: str | None = None
     ready_event: trio.Event = attrs.field(factory=trio.Event, repr=False)
@@ -100,6 +108,8 @@ class Worker:
 
     @property
     def open_connections(self) -> int:
+        if self.shared:  # the worker accepts for itself: only it knows
+            return int(self.stats.get("open", 0))
         return self.dispatched - self.closed
 
     @property
@@ -125,7 +135,9 @@ class Worker:
     def describe_exit(self) -> str:
         if self.exit_signal:
             text = f"killed by {self.exit_signal}"
-            if self.exit_signal == "SIGKILL" and not self.requested_disconnect:
+            if self.killed_for:
+                text += f" (killed by trioherd: {self.killed_for})"
+            elif self.exit_signal == "SIGKILL" and not self.requested_disconnect:
                 text += " (perhaps out of memory?)"
             return text
         return f"exit code {self.exit_code}"
@@ -222,6 +234,11 @@ class Herd:
         self._notify("stopping")
         log.info("stopping: disconnecting %d workers", len(self._workers))
         self._accept_scope.cancel()
+        # close the listeners now: a client arriving during the drain is refused at once
+        # instead of waiting in a backlog nobody will accept from
+        for listener in self.listeners:
+            trio.lowlevel.notify_closing(listener.sock)
+            listener.close()
         for slot in self._slots:
             slot.active = False
         async with trio.open_nursery() as nursery:
@@ -287,7 +304,8 @@ class Herd:
                     if slot.active and not self._stopping:
                         await self._replace(slot, "reload")
             finally:
-                self._notify("ready")
+                if not self._stopping:
+                    self._notify("ready")
             log.info("reload complete")
 
     # -- spawning and supervision -----------------------------------------------------
@@ -327,6 +345,7 @@ class Herd:
             worker_end.close()
         channel = _ipc.Channel(primary_end)
         worker = Worker(worker_id, slot, process.pid, process, channel)
+        worker.shared = self.config.dispatch == "shared"
         worker.last_seen = trio.current_time()
         worker.request_limit = request_limit(
             self.config.max_requests, self.config.max_requests_jitter
@@ -357,6 +376,7 @@ class Herd:
                 nursery.start_soon(self._watchdog, worker)
                 await _wait_process(worker.process)
                 nursery.cancel_scope.cancel()
+            self._drain_channel(worker)  # its last words: final counters, boot error
         finally:
             with trio.CancelScope(shield=True):
                 if worker.process.poll() is None:
@@ -364,6 +384,20 @@ class Herd:
                     await _wait_process(worker.process)
                 worker.channel.close()
                 self._on_exit(worker)
+
+    def _drain_channel(self, worker: Worker) -> None:
+        """Handle what an exited worker sent that was not read yet."""
+        if worker.protocol_error:
+            return
+        while True:
+            try:
+                data, fds = worker.channel.receive_nowait()
+                message = _ipc.decode(data)
+                if fds and message["t"] != "refuse":
+                    raise IPCProtocolError(f"fds attached to {message['t']!r}")
+                self._handle_message(worker, message, fds)
+            except (BlockingIOError, _ipc.ChannelClosed, IPCProtocolError, OSError):
+                return
 
     async def _read_channel(self, worker: Worker) -> None:
         channel = worker.channel
@@ -391,7 +425,7 @@ class Herd:
         kind = message["t"]
         if kind == "closed":
             worker.closed += message["n"]
-            self._capacity.set()
+            self._signal_capacity()
         elif kind == "beat":
             worker.stats = message["stats"]
             self._check_recycle(worker)
@@ -400,6 +434,8 @@ class Herd:
                 HerdEvent("message", worker.id, worker.pid, worker.slot.index, message["data"])
             )
         elif kind == "ready":
+            if message["v"] != _ipc.PROTOCOL_VERSION:
+                raise IPCProtocolError(f"worker speaks protocol v{message['v']}")
             self._on_ready(worker)
         elif kind == "refuse":
             worker.closed += len(fds)
@@ -411,6 +447,7 @@ class Herd:
             raise IPCProtocolError(f"a worker may not send {kind!r}")
 
     def _protocol_error(self, worker: Worker, exc: Exception) -> None:
+        worker.protocol_error = True
         log.error(
             "worker %d (pid %d) sent a malformed message (%s); replacing it",
             worker.id,
@@ -421,15 +458,13 @@ class Herd:
         self._recycle(worker, "protocol error")
 
     async def _watchdog(self, worker: Worker) -> None:
+        """Kill a worker that is silent for boot_timeout before ready, worker_timeout after."""
         while True:
-            limit = (
-                self.config.worker_timeout
-                if worker.ready_at is not None
-                else self.config.boot_timeout
-            )
+            ready = worker.ready_at is not None
+            limit = self.config.worker_timeout if ready else self.config.boot_timeout
             deadline = worker.last_seen + limit
             if trio.current_time() >= deadline:
-                what = "heartbeat" if worker.ready_at is not None else "ready message"
+                what = "heartbeat" if ready else "ready message"
                 log.error(
                     "worker %d (pid %d) sent no %s for %.1fs; killing it",
                     worker.id,
@@ -437,10 +472,13 @@ class Herd:
                     what,
                     limit,
                 )
-                self._count_respawn("timeout")
+                worker.killed_for = "timeout"
                 _kill(worker, signal.SIGKILL)
                 return
-            await trio.sleep_until(deadline)
+            with trio.move_on_at(deadline):
+                if ready:
+                    await trio.sleep_forever()
+                await worker.ready_event.wait()  # then the shorter worker_timeout applies
 
     def _on_ready(self, worker: Worker) -> None:
         if worker.ready_at is not None:
@@ -450,7 +488,7 @@ class Herd:
         self._boot_failures = 0
         if not self._stopping and worker.slot.active:
             self._dispatcher.add(worker)
-        self._capacity.set()
+        self._signal_capacity()
         worker.ready_event.set()
         self._publish(HerdEvent("ready", worker.id, worker.pid, worker.slot.index))
         log.debug("worker %d (pid %d) ready", worker.id, worker.pid)
@@ -511,7 +549,9 @@ class Herd:
             if self._boot_failures >= self.config.max_boot_failures:
                 self._give_up()
                 return
-        self._count_respawn("crash" if worker.ready_at is not None else "boot")
+        self._count_respawn(
+            worker.killed_for or ("crash" if worker.ready_at is not None else "boot")
+        )
         if worker.uptime >= self.config.min_uptime:
             slot.failures = 0
         slot.failures += 1
@@ -566,6 +606,8 @@ class Herd:
     def _check_recycle(self, worker: Worker) -> None:
         if worker.state != "ready" or worker.recycling or self._stopping:
             return
+        if worker.recycle_after and trio.current_time() < worker.recycle_after:
+            return  # its last replacement failed to boot: wait before trying again
         if not (worker.request_limit or self.config.max_memory):
             return
         reason = should_recycle(
@@ -593,9 +635,11 @@ class Herd:
             try:
                 await self._replace(worker.slot, reason)
             except ReloadError:
-                worker.recycling = None
                 if reason == "protocol error":
                     _kill(worker, signal.SIGKILL)
+                    return
+                worker.recycling = None
+                worker.recycle_after = trio.current_time() + max(1.0, self.config.backoff_max)
 
     async def _disconnect(self, worker: Worker, reason: str) -> None:
         """Graceful disconnect: no more connections, finish in-flight work within
@@ -647,7 +691,6 @@ class Herd:
             drained = False
             while not drained:
                 if not dispatcher.has_room():
-                    self._capacity = trio.Event()
                     await self._capacity.wait()
                     continue
                 batches: dict[Worker, list[int]] = {}
@@ -705,7 +748,6 @@ class Herd:
                 if self._stopping:
                     _ipc.close_fds(fds)
                     return
-                self._capacity = trio.Event()
                 await self._capacity.wait()
                 continue
             worker.dispatched += len(fds)
@@ -717,6 +759,12 @@ class Herd:
                 continue
             _ipc.close_fds(fds)
             return
+
+    def _signal_capacity(self) -> None:
+        """Wake everyone waiting for a worker with room (accept loops, re-dispatch, boot);
+        later waiters wait on a fresh event."""
+        self._capacity.set()
+        self._capacity = trio.Event()
 
     # -- events ------------------------------------------------------------------------
 
@@ -765,7 +813,6 @@ class Herd:
                 slot.worker is not None and slot.worker.state == "ready" for slot in self._slots
             ):
                 return
-            self._capacity = trio.Event()
             with trio.move_on_after(0.5):
                 await self._capacity.wait()
 
@@ -870,6 +917,7 @@ async def serve(
     listeners = open_listeners(config)
     herd = Herd(config, listeners)
     extras: list[Any] = []
+    started = False
     try:
         async with trio.open_nursery() as nursery:
             herd._nursery = nursery
@@ -889,6 +937,7 @@ async def serve(
                     await nursery.start(serve_metrics, herd)
                 herd._notify("ready")
                 task_status.started(herd)
+                started = True
             await herd._stopped.wait()
             nursery.cancel_scope.cancel()
     finally:
@@ -906,3 +955,5 @@ async def serve(
                 channel.close()
     if herd._fatal is not None:
         raise herd._fatal
+    if not started:
+        raise StoppedBeforeReady("the herd was stopped before every worker was ready")

@@ -21,8 +21,8 @@ left when ``graceful_timeout`` runs out. Then ASGI lifespan shutdown and exit 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
-import errno
 import logging
 import os
 import signal
@@ -39,6 +39,7 @@ from . import _app, _ipc
 from ._config import Config
 from ._errors import ConfigError, IPCProtocolError
 from ._http import HTTPConnection, ServerState
+from ._listeners import is_transient_accept_error
 from ._log import setup_logging
 from ._rawstream import RawSocketStream
 
@@ -47,15 +48,6 @@ log = logging.getLogger("trioherd.worker")
 EXIT_BOOT_ERROR = 3
 PRIMARY_GONE_GRACE = 1.0
 CLOSED_REPORT_INTERVAL = 0.002
-_ACCEPT_ERRORS = (
-    errno.ECONNABORTED,
-    errno.EPROTO,
-    errno.EPERM,
-    errno.ENOBUFS,
-    errno.ENOMEM,
-    errno.EMFILE,
-    errno.ENFILE,
-)
 
 
 @attrs.frozen
@@ -82,7 +74,10 @@ async def send_to_primary(obj: Any) -> None:
     """Send a JSON-serialisable object to the primary (``herd.messages()`` yields it)."""
     if _current is None:
         raise RuntimeError("send_to_primary() is only available inside a trioherd worker")
-    await _current.channel.send(_ipc.encode("msg", data=obj))
+    packet = _ipc.encode("msg", data=obj)
+    if len(packet) > _ipc.MAX_MESSAGE:
+        raise ValueError(f"message of {len(packet)} bytes is over {_ipc.MAX_MESSAGE}")
+    await _current.channel.send(packet)
 
 
 async def receive_from_primary() -> Any:
@@ -119,6 +114,7 @@ class Worker:
         self.idle = trio.Event()
         self.idle.set()
         self.draining = False
+        self.drain_deadline = 0.0
         self.drain_started = trio.Event()
         self.refused = 0
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
@@ -190,13 +186,16 @@ class Worker:
                 await self.channel.send(_ipc.encode("closed", n=count))
             await trio.sleep(CLOSED_REPORT_INTERVAL)
 
+    def stats(self) -> dict[str, Any]:
+        stats = self.state.stats.snapshot()
+        stats["open"] = self.open
+        stats["refused"] = self.refused
+        return stats
+
     async def heartbeat(self) -> None:
         interval = min(1.0, self.config.worker_timeout / 4)
         while True:
-            stats = self.state.stats.snapshot()
-            stats["open"] = self.open
-            stats["refused"] = self.refused
-            await self.channel.send(_ipc.encode("beat", stats=stats))
+            await self.channel.send(_ipc.encode("beat", stats=self.stats()))
             with trio.move_on_after(interval):
                 await self.beat_now.wait()
             self.beat_now = trio.Event()
@@ -215,10 +214,11 @@ class Worker:
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    if exc.errno in _ACCEPT_ERRORS:
-                        log.warning("accept failed: %s", exc)
-                        break
-                    raise
+                    if not is_transient_accept_error(exc):
+                        raise
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.05)
+                    break
                 self.start_connection(fd)
 
     # -- the channel -------------------------------------------------------------------
@@ -272,6 +272,7 @@ class Worker:
             return
         self.draining = True
         self.grace = PRIMARY_GONE_GRACE if grace is None else grace
+        self.drain_deadline = trio.current_time() + self.grace
         self.state.start_draining()
         for listener in self.listeners:
             trio.lowlevel.notify_closing(listener)
@@ -289,10 +290,13 @@ class Worker:
                 root.start_soon(self.state.sweep)
                 await ready()
                 await self.read_channel_until_drain(conns)
-            # connections are done (or were cancelled at the deadline)
-            while self.closed_pending:  # last report, so the primary's counts balance
-                await self.channel.send(_ipc.encode("closed", n=self.closed_pending))
-                self.closed_pending = 0
+            # connections are done (or were cancelled at the deadline): last words, so the
+            # primary's connection counts balance and no served request goes uncounted
+            with contextlib.suppress(_ipc.ChannelClosed, OSError):
+                if self.closed_pending:
+                    await self.channel.send(_ipc.encode("closed", n=self.closed_pending))
+                    self.closed_pending = 0
+                await self.channel.send(_ipc.encode("beat", stats=self.stats()))
             root.cancel_scope.cancel()
 
     async def _accept_guarded(self, listener: socket.socket) -> None:
@@ -355,6 +359,8 @@ async def _main(fd: int) -> None:
     worker = Worker(channel, init, fds)
     _current = worker
     setup_logging(worker.config.log_level, f"w{worker.info.id}")
+    if worker.config.access_log:  # asked for explicitly: not silenced by --log-level
+        logging.getLogger("trioherd.access").setLevel(logging.INFO)
     try:
         app, interface = worker.load()
     except ConfigError as exc:  # e.g. certificate files that broke since the primary checked
@@ -378,7 +384,9 @@ async def _main(fd: int) -> None:
 
         await worker.serve(ready)
         if lifespan is not None:
-            with trio.move_on_after(worker.config.graceful_timeout):
+            # what is left of the grace, plus a second: the primary's SIGTERM comes at
+            # grace + KILL_MARGIN (2 s) after it asked us to disconnect
+            with trio.move_on_at(max(worker.drain_deadline, trio.current_time()) + 1.0):
                 await lifespan.shutdown()
         nursery.cancel_scope.cancel()
     channel.close()
@@ -396,8 +404,16 @@ def _make_handler(
     if interface == "stream":
 
         async def handle_stream(sock: socket.socket) -> None:
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            plain = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            stream: trio.abc.Stream = plain
             try:
+                if ssl_context is not None:
+                    from ._tls import handshake
+
+                    secured = await handshake(plain, ssl_context, config.tls_handshake_timeout)
+                    if secured is None:
+                        return
+                    stream = secured[0]
                 await app(stream)
             finally:
                 await trio.aclose_forcefully(stream)

@@ -12,6 +12,7 @@ import trio
 from trioherd import Request, Response
 
 PID = str(os.getpid())
+_HOARD: list[bytearray] = []
 
 
 async def native(request: Request) -> Response:
@@ -32,6 +33,11 @@ async def native(request: Request) -> Response:
                 await trio.sleep(0.01)
 
         return Response(chunks(), headers=headers)
+    if request.path == "/grow":  # hold on to memory, as a leaking app would
+        _HOARD.append(bytearray(int(request.query.partition("=")[2] or 50) * 1024 * 1024))
+        return Response("grown\n", headers=headers)
+    if request.path == "/die":
+        os._exit(1)
     if request.path == "/boom":
         raise ValueError("the app failed on purpose")
     if request.path == "/slow":

@@ -56,3 +56,11 @@ async def tally(stream: trio.abc.Stream) -> None:
     """Report to the primary, then answer with the pid."""
     await trioherd.send_to_primary({"pid": os.getpid(), "hello": True})
     await stream.send_all(f"{os.getpid()}\n".encode())
+
+
+@trioherd.stream_handler
+async def hold_pid(stream: trio.abc.Stream) -> None:
+    """Send the pid, then hold the connection until the client closes it."""
+    await stream.send_all(f"{os.getpid()}\n".encode())
+    async for _ in stream:
+        pass
