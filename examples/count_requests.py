@@ -24,9 +24,7 @@ async def app(request: trioherd.Request) -> trioherd.Response:
 
 
 async def main(bind: str, workers: int, name: str) -> None:
-    config = trioherd.Config(
-        app=app, bind=[bind], workers=workers, name=name, handle_signals=True
-    )
+    config = trioherd.Config(app=app, bind=[bind], workers=workers, name=name, handle_signals=True)
     async with trio.open_nursery() as nursery:
         herd = await nursery.start(trioherd.serve, config)
         print(f"trioherd: listening on {herd.addresses[0]}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """A raw TCP echo server on the herd: no HTTP, just a stream handler per connection.
 
-    python examples/echo.py --bind 127.0.0.1:9000 --workers 2
-    printf 'hello\\n' | nc 127.0.0.1 9000   # -> "worker 1 (pid 1234) says: hello"
+python examples/echo.py --bind 127.0.0.1:9000 --workers 2
+printf 'hello\\n' | nc 127.0.0.1 9000   # -> "worker 1 (pid 1234) says: hello"
 """
 
 from __future__ import annotations

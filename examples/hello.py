@@ -1,8 +1,8 @@
 """The smallest native trioherd app.
 
-    python -m trioherd serve examples.hello:app --workers 2        # from the repository root
-    python examples/hello.py --bind 127.0.0.1:8000                 # or as a script
-    curl http://127.0.0.1:8000/?name=herd
+python -m trioherd serve examples.hello:app --workers 2        # from the repository root
+python examples/hello.py --bind 127.0.0.1:8000                 # or as a script
+curl http://127.0.0.1:8000/?name=herd
 """
 
 from __future__ import annotations

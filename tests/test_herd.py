@@ -318,7 +318,9 @@ def test_inherited_fd_listener(cli_herd: Any, tmp_path: Path) -> None:
 
 async def test_full_herd_with_two_listeners_resumes_both() -> None:
     async with open_herd(
-        app="apps.raw:hold_pid", workers=1, max_connections=1,
+        app="apps.raw:hold_pid",
+        workers=1,
+        max_connections=1,
         bind=["127.0.0.1:0", "127.0.0.1:0"],
     ) as herd:
         ports = [int(url.rsplit(":", 1)[1]) for url in herd.addresses]
@@ -352,8 +354,9 @@ def test_sigterm_while_booting_exits_0_without_a_traceback(cli_herd: Any) -> Non
 
 
 async def test_shared_dispatch_counts_open_connections_from_the_workers() -> None:
-    async with open_herd(app="apps.raw:hold_pid", workers=2, dispatch="shared",
-                         worker_timeout=1.0) as herd:
+    async with open_herd(
+        app="apps.raw:hold_pid", workers=2, dispatch="shared", worker_timeout=1.0
+    ) as herd:
         streams = [await connect(herd) for _ in range(6)]
         for stream in streams:
             await receive_until(stream, b"\n")

@@ -119,7 +119,11 @@ GOOD = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
             413,
         ),
         ("garbage", b"\x16\x03\x01 this is not http at all\r\n\r\n", 400),
-        ("malformed chunk read by the app", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n", 400),
+        (
+            "malformed chunk read by the app",
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+            400,
+        ),
         ("bad header line", b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n", 400),
         ("app exception", b"GET /boom HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 500),
     ],
