@@ -585,7 +585,10 @@ class HTTPConnection:
                             drained += len(data)
                     except (OSError, *_STREAM_ERRORS):
                         pass
-            await trio.aclose_forcefully(stream)
+            if isinstance(stream, RawSocketStream):
+                stream.close()  # nothing to flush or say: no need for a cancel scope
+            else:
+                await trio.aclose_forcefully(stream)
             return
         with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
             try:

@@ -55,6 +55,7 @@ def open_tcp(address: str, tls: bool) -> Listener:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepts
         sock.bind(sockaddr)
         sock.listen(BACKLOG)
     except OSError as exc:
@@ -102,6 +103,8 @@ def adopt_fd(fd: int, tls: bool, option: str = "fd") -> Listener:
         raise ConfigError(option, f"fd {fd} is not a listening stream socket")
     sock.set_inheritable(False)
     sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepts
     return Listener(sock, _url(sock, tls))
 
 

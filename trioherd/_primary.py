@@ -357,6 +357,7 @@ class Herd:
             id=worker_id,
             slot=slot.index,
             limit=worker.request_limit,
+            families=[int(listener.sock.family) for listener in self.listeners],
             config=self.config.to_wire(),
         )
         channel.try_send(init, fds if self.config.dispatch == "shared" else ())

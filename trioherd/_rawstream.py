@@ -22,9 +22,11 @@ _CLOSED_ERRNOS = (errno.EBADF, errno.ENOTSOCK)
 class RawSocketStream(trio.abc.HalfCloseableStream):
     __slots__ = ("_closed", "_unyielded", "socket")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, nodelay: bool = True) -> None:
+        """``nodelay=False`` when the socket has TCP_NODELAY already (accepted from a
+        listening socket that has it: Linux copies it to every accepted socket)."""
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        if nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
         self._closed = False

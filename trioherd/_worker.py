@@ -106,6 +106,8 @@ class Worker:
         self.info = WorkerInfo(id=init["id"], slot=init["slot"], pid=os.getpid())
         self.state = ServerState(self.config, self.info.id)
         self.listeners = [socket.socket(fileno=fd) for fd in fds]
+        # the address family of each of the primary's listeners, by index
+        self.families: list[int] = list(init.get("families") or [socket.AF_INET])
         for listener in self.listeners:
             listener.setblocking(False)
         self.open = 0
@@ -146,10 +148,11 @@ class Worker:
 
     # -- connections -------------------------------------------------------------------
 
-    def start_connection(self, fd: int) -> None:
+    def start_connection(self, fd: int, family: int) -> None:
         assert self.conn_nursery is not None
         try:
-            sock = socket.socket(fileno=fd)
+            # naming the family spares the three getsockopt calls of a bare fileno=
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
         except OSError:
             _ipc.close_fds([fd])
             self.connection_closed()
@@ -219,7 +222,7 @@ class Worker:
                     log.warning("accept failed: %s", exc)
                     await trio.sleep(0.05)
                     break
-                self.start_connection(fd)
+                self.start_connection(fd, listener.family)
 
     # -- the channel -------------------------------------------------------------------
 
@@ -245,8 +248,9 @@ class Worker:
                     if self.draining:
                         await self.refuse(fds)
                     else:
+                        family = self.families[message["l"] % len(self.families)]
                         for fd in fds:
-                            self.start_connection(fd)
+                            self.start_connection(fd, family)
                     continue
                 _ipc.close_fds(fds)
                 if kind == "disconnect":
@@ -448,7 +452,8 @@ def _make_handler(
             client, server = addresses(sock)
         except OSError:
             return
-        await HTTPConnection(state, app, asgi, RawSocketStream(sock), client, server).run()
+        stream = RawSocketStream(sock, nodelay=False)  # the primary's listeners have it
+        await HTTPConnection(state, app, asgi, stream, client, server).run()
 
     return handle
 
