@@ -333,7 +333,8 @@ class HTTPConnection:
         state = self.state
         config = state.config
         event = conn.next_event()
-        if event is not h11.NEED_DATA:
+        if event is not h11.NEED_DATA:  # pipelined: already here, but others go first
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self.phase = APP
             return event  # type: ignore[return-value]
         if conn.trailing_data[0]:
