@@ -369,3 +369,58 @@ async def test_shared_dispatch_counts_open_connections_from_the_workers() -> Non
             while any(w.open_connections for w in herd.workers):
                 await trio.sleep(0.05)
         assert all(w.open_connections == 0 for w in herd.workers)
+
+
+async def test_a_worker_sigtermed_alone_drains_and_loses_no_connection() -> None:
+    async with open_herd(app="apps.raw:whoami", workers=2) as herd:
+        events = herd.events()
+        leaving, staying = herd.workers
+        host, port = address_of(herd)
+        # clients keep connecting while one worker drains on its own (SIGTERM sent to it,
+        # not to the primary): fds already on their way to it are handed back and served
+        # by the other one; none is dropped
+        async with trio.open_nursery() as nursery:
+
+            async def client(results: list[int]) -> None:
+                for _ in range(30):
+                    stream = await trio.open_tcp_stream(host, port)
+                    async with stream:
+                        results.append(int(await receive_until(stream, b"\n")))
+
+            results: list[int] = []
+            for _ in range(4):
+                nursery.start_soon(client, results)
+            await trio.sleep(0.05)
+            os.kill(leaving.pid, signal.SIGTERM)
+        assert len(results) == 120
+        assert results[-1] != leaving.pid
+        with trio.fail_after(30):
+            async for event in events:
+                if event.kind == "exit" and event.pid == leaving.pid:
+                    assert event.exit_code == 0 and not event.requested
+                    break
+        # its slot is filled again, as after any exit that was not asked for
+        with trio.fail_after(30):
+            while len([w for w in herd.workers if w.state == "ready"]) != 2:
+                await trio.sleep(0.05)
+        assert staying in herd.workers
+
+
+async def test_a_worker_whose_loop_hangs_is_killed_and_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import httpx
+
+    caplog.set_level(logging.INFO, logger="trioherd")
+    async with open_herd(app="apps.http_apps:blocking", workers=1, worker_timeout=1.0) as herd:
+        (hung,) = herd.workers
+        async with httpx.AsyncClient(base_url=herd.addresses[0], timeout=60) as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.get("/hang")  # the worker is killed under this request
+            with trio.fail_after(30):
+                while not any(w.pid != hung.pid and w.state == "ready" for w in herd.workers):
+                    await trio.sleep(0.05)
+            assert (await client.get("/")).text == "fine"
+        assert f"worker {hung.id} (pid {hung.pid}) sent no heartbeat for 1.0s" in caplog.text
+        assert "killed by trioherd: timeout" in caplog.text
+        assert herd.respawns == {"timeout": 1}

@@ -291,3 +291,42 @@ def test_demo_app_names_the_worker(cli_herd: Any) -> None:
     assert len(pages) == 2
     assert all(page.startswith("Hello from trioherd worker ") for page in pages)
     assert herd.stop() == 0
+
+
+async def test_http_1_0_client_gets_its_answer_and_a_close() -> None:
+    async with open_herd(app="apps.http_apps:native", workers=1) as herd:
+        host, port = address_of(herd)
+        data = await raw_exchange(host, port, b"GET / HTTP/1.0\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"connection: close\r\n" in data.lower()
+        assert data.endswith(b"Hello, World!")
+
+
+async def test_a_drain_answers_in_flight_requests_with_connection_close() -> None:
+    async with open_herd(app="apps.http_apps:native", workers=1) as herd:
+        host, port = address_of(herd)
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            first = await receive_until(stream, b"Hello, World!")
+            assert b"connection: close" not in first.lower()
+            await stream.send_all(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            await trio.sleep(0.3)  # the slow request is now in the app
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(herd.stop)
+                with trio.fail_after(30):
+                    second = await receive_all(stream)
+        assert second.startswith(b"HTTP/1.1 200 OK")
+        assert b"connection: close\r\n" in second.lower()
+        assert second.endswith(b"slow done\n")
+
+
+async def test_a_bad_request_after_a_good_one_on_the_same_connection_gets_400() -> None:
+    async with open_herd(app="apps.http_apps:native", workers=1) as herd:
+        host, port = address_of(herd)
+        data = await raw_exchange(
+            host, port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE GARBAGE\r\n\r\n"
+        )
+        first, _, second = data.partition(b"Hello, World!")
+        assert status_of(first) == 200
+        assert status_of(second) == 400

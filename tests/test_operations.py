@@ -336,7 +336,9 @@ async def test_max_memory_recycles_a_worker_that_grows() -> None:
                     await trio.sleep(0.1)
             reply = await client.get("/")
             assert reply.status_code == 200 and reply.headers["x-pid"] != str(worker.pid)
-        assert herd.respawns.get("max-memory") == 1
+        with trio.fail_after(30):  # counted once the replacement took over
+            while herd.respawns.get("max-memory") != 1:
+                await trio.sleep(0.05)
         assert worker.exit_code == 0 and worker.requested_disconnect
 
 
@@ -378,3 +380,19 @@ def test_access_log_line(cli_herd: Any, tmp_path: Path) -> None:
     fields = line.split('" 200 ', 1)[1].split()
     assert int(fields[0]) > 100 and fields[1].endswith("ms")
     assert herd.stop() == 0
+
+
+def test_busy_metrics_port_is_a_usage_error_before_any_worker(cli_herd: Any) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        port = blocker.getsockname()[1]
+        herd = cli_herd(
+            "--workers", "2", "--metrics-bind", f"127.0.0.1:{port}", "--log-level", "debug"
+        )
+        assert herd.process.wait(60) == 2
+        assert f"--metrics-bind: 127.0.0.1:{port}" in herd.stderr
+        assert "spawned worker" not in herd.stderr
+    finally:
+        blocker.close()

@@ -26,7 +26,15 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 import trioherd
-from conftest import ROOT, address_of, open_herd, receive_all, unique_name, wait_until
+from conftest import (
+    ROOT,
+    address_of,
+    open_herd,
+    receive_all,
+    receive_until,
+    unique_name,
+    wait_until,
+)
 
 PASSWORD = "correct horse"
 
@@ -614,3 +622,17 @@ def test_example_tls_server_serves_what_its_curl_command_fetches() -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, process.stdout.read()
     assert not ca_pem.parent.exists()  # the throwaway CA went with the server
+
+
+async def test_stream_handler_is_served_over_tls(pki: PKI) -> None:
+    async with open_herd(app="apps.raw:echo", workers=1, **tls_options(pki)) as herd:
+        assert herd.addresses[0].startswith("https://")
+        _, port = address_of(herd)
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp, client_context(pki), server_hostname="localhost")
+        async with stream:
+            await stream.do_handshake()
+            pid = int((await receive_until(stream, b"\n")).strip())
+            assert pid == herd.workers[0].pid
+            await stream.send_all(b"secret bytes")
+            assert await receive_until(stream, b"bytes") == b"secret bytes"

@@ -123,8 +123,8 @@ def run_config(config: Config) -> int:
     except WorkerBootError as exc:
         print(f"trioherd: the app could not boot:\n{exc.text.rstrip()}", file=sys.stderr)
         return EXIT_BOOT
-    except StoppedBeforeReady:
-        return EXIT_OK
+    except StoppedBeforeReady as stopped:
+        return EXIT_FAILED if stopped.forced else EXIT_OK
     except KeyboardInterrupt:
         return EXIT_FAILED
     return EXIT_FAILED if herd is not None and herd.forced else EXIT_OK

@@ -206,6 +206,7 @@ class HTTPConnection:
         "expired",
         "keep_alive",
         "phase",
+        "request",
         "response_started",
         "scheme",
         "scope",
@@ -246,6 +247,7 @@ class HTTPConnection:
         self.deadline = math.inf
         self.expired: int | None = None
         self.scope = trio.CancelScope()
+        self.request: h11.Request | None = None
 
     def expire(self) -> None:
         """The current phase ran out of time: cancel whatever the connection awaits."""
@@ -329,6 +331,8 @@ class HTTPConnection:
                 self.conn.receive_data(leftover)
 
     async def _read_head(self) -> h11.Request | h11.ConnectionClosed | None:
+        self.request = None
+        self.response_started = False  # nothing sent yet for the request to come
         conn = self.conn
         state = self.state
         config = state.config
@@ -363,6 +367,7 @@ class HTTPConnection:
     async def _serve_request(self, request: h11.Request) -> bool:
         """Run the app for one request; False if the connection must end at once."""
         config = self.state.config
+        self.request = request
         headers = request.headers
         if len(headers) > config.max_header_count:
             await self._reject(431, "too many header fields")
@@ -406,6 +411,7 @@ class HTTPConnection:
             await self._send_error(status, str(exc))
             return False
         except _STREAM_ERRORS:
+            status = 499  # the client went away under us
             raise
         except Exception:
             log.exception(
@@ -417,7 +423,9 @@ class HTTPConnection:
             await self._send_error(500, None)
             return False
         finally:
-            self._count(request, status, started_at, self.state.stats.bytes_out - sent_before)
+            if self.expired is None:  # else run() answers 408 and counts it
+                sent = self.state.stats.bytes_out - sent_before
+                self._count(request, status, started_at, sent)
         return True
 
     def _count(
@@ -550,7 +558,7 @@ class HTTPConnection:
             return
         before = self.state.stats.bytes_out
         await self._send_error(status, detail)
-        self._count(None, status, self.started_at(), self.state.stats.bytes_out - before)
+        self._count(self.request, status, self.started_at(), self.state.stats.bytes_out - before)
 
     def started_at(self) -> float:
         return time.perf_counter() if self.state.config.access_log else 0.0

@@ -47,6 +47,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "beat": {"stats": dict},
     "closed": {"n": int},
     "refuse": {},
+    "draining": {},
 }
 
 

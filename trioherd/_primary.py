@@ -44,7 +44,10 @@ _WORKER_COMMAND = "import trioherd._worker as w; w.main()"
 
 
 class StoppedBeforeReady(TrioherdError):
-    """A stop (a signal, ``herd.stop()``) came while the herd was still booting."""
+    """A stop (a signal, ``herd.stop()``) came while the herd was still booting.
+    ``forced``: it was a stop at once (a second signal)."""
+
+    forced = False
 
 
 class ReloadError(TrioherdError):
@@ -252,6 +255,7 @@ class Herd:
         self.forced = True
         self._stopping = True
         for worker in self._workers:
+            worker.killed_for = "stop at once"
             _kill(worker, signal.SIGKILL)
         self._stopped.set()
 
@@ -393,11 +397,15 @@ class Herd:
         while True:
             try:
                 data, fds = worker.channel.receive_nowait()
+            except (BlockingIOError, _ipc.ChannelClosed, IPCProtocolError, OSError):
+                return
+            try:
                 message = _ipc.decode(data)
                 if fds and message["t"] != "refuse":
                     raise IPCProtocolError(f"fds attached to {message['t']!r}")
                 self._handle_message(worker, message, fds)
-            except (BlockingIOError, _ipc.ChannelClosed, IPCProtocolError, OSError):
+            except IPCProtocolError:
+                _ipc.close_fds(fds)
                 return
 
     async def _read_channel(self, worker: Worker) -> None:
@@ -444,8 +452,21 @@ class Herd:
             self._nursery.start_soon(self._dispatch_fds, fds, 0)
         elif kind == "boot_error":
             worker.boot_error = message["text"]
+        elif kind == "draining":  # the worker drains on its own (SIGTERM): let it go
+            if worker.state in ("starting", "ready"):
+                worker.state = "disconnecting"
+                self._dispatcher.remove(worker)
+                self._publish(HerdEvent("disconnect", worker.id, worker.pid, worker.slot.index))
+                assert self._nursery is not None
+                self._nursery.start_soon(self._acknowledge_drain, worker)
         else:
             raise IPCProtocolError(f"a worker may not send {kind!r}")
+
+    async def _acknowledge_drain(self, worker: Worker) -> None:
+        """Tell a worker that drains on its own that no connection follows this message."""
+        with contextlib.suppress(_ipc.ChannelClosed, OSError):
+            grace = self.config.graceful_timeout
+            await worker.channel.send(_ipc.encode("disconnect", grace=grace))
 
     def _protocol_error(self, worker: Worker, exc: Exception) -> None:
         worker.protocol_error = True
@@ -624,7 +645,6 @@ class Herd:
         if worker.recycling:
             return
         worker.recycling = reason
-        self._count_respawn(reason)
         assert self._nursery is not None
         self._nursery.start_soon(self._recycle_task, worker, reason)
 
@@ -635,6 +655,7 @@ class Herd:
             log.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
             try:
                 await self._replace(worker.slot, reason)
+                self._count_respawn(reason)
             except ReloadError:
                 if reason == "protocol error":
                     _kill(worker, signal.SIGKILL)
@@ -928,14 +949,14 @@ async def serve(
                 extras.append(await start_control_server(herd, nursery))
             if config.handle_signals:
                 nursery.start_soon(herd._handle_signals)
+            if config.metrics_bind:  # before any worker: a busy port is a usage error
+                from ._metrics import serve_metrics
+
+                await nursery.start(serve_metrics, herd)
             await herd._boot()
             if not herd._stopping:
                 if config.dispatch != "shared":
                     nursery.start_soon(herd._accept_all)
-                if config.metrics_bind:
-                    from ._metrics import serve_metrics
-
-                    await nursery.start(serve_metrics, herd)
                 herd._notify("ready")
                 task_status.started(herd)
                 started = True
@@ -944,6 +965,7 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True):
             for worker in list(herd._workers):
+                worker.killed_for = worker.killed_for or "shutdown"
                 _kill(worker, signal.SIGKILL)
             for worker in list(herd._workers):
                 with trio.move_on_after(5):
@@ -957,4 +979,6 @@ async def serve(
     if herd._fatal is not None:
         raise herd._fatal
     if not started:
-        raise StoppedBeforeReady("the herd was stopped before every worker was ready")
+        stopped = StoppedBeforeReady("the herd was stopped before every worker was ready")
+        stopped.forced = herd.forced
+        raise stopped

@@ -47,6 +47,7 @@ log = logging.getLogger("trioherd.worker")
 
 EXIT_BOOT_ERROR = 3
 PRIMARY_GONE_GRACE = 1.0
+ACK_TIMEOUT = 5.0
 CLOSED_REPORT_INTERVAL = 0.002
 
 
@@ -118,11 +119,13 @@ class Worker:
         self.draining = False
         self.drain_deadline = 0.0
         self.drain_started = trio.Event()
+        self.acked = trio.Event()
         self.refused = 0
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
         self.handler: Callable[[socket.socket], Awaitable[None]] | None = None
         self.ssl_context: Any = None
         self.conn_nursery: trio.Nursery | None = None
+        self.early: list[tuple[bytes, list[int]]] = []
         # past this many requests the primary recycles us: tell it at once, not at the
         # next heartbeat
         self.request_limit = int(init.get("limit", 0))
@@ -231,10 +234,11 @@ class Worker:
         channel = self.channel
         while True:
             try:
-                batch = await channel.receive_batch()
+                batch, self.early = self.early or await channel.receive_batch(), []
             except _ipc.ChannelClosed:
                 log.warning("primary went away; stopping")
-                self.begin_drain()
+                self.acked.set()
+                await self.begin_drain()
                 return
             for data, fds in batch:
                 try:
@@ -254,7 +258,8 @@ class Worker:
                     continue
                 _ipc.close_fds(fds)
                 if kind == "disconnect":
-                    self.begin_drain(float(message["grace"]))
+                    self.acked.set()  # no connection comes after it
+                    await self.begin_drain(float(message["grace"]))
                 elif kind == "msg":
                     try:
                         self.inbox_send.send_nowait(message["data"])
@@ -271,9 +276,18 @@ class Worker:
         finally:
             _ipc.close_fds(fds)
 
-    def begin_drain(self, grace: float | None = None) -> None:
+    async def begin_drain(self, grace: float | None = None, announce: bool = False) -> None:
+        """Stop taking connections and finish the open ones within ``grace``.
+        ``announce``: the drain is our own idea (SIGTERM), so tell the primary, which
+        stops dispatching to us and answers with a disconnect; fds it sent before that
+        are handed back (refused), none is left behind in the channel."""
         if self.draining:
             return
+        if announce:
+            with contextlib.suppress(_ipc.ChannelClosed, OSError):
+                await self.channel.send(_ipc.encode("draining"))
+        else:
+            self.acked.set()
         self.draining = True
         self.grace = PRIMARY_GONE_GRACE if grace is None else grace
         self.drain_deadline = trio.current_time() + self.grace
@@ -283,13 +297,20 @@ class Worker:
             listener.close()
         self.drain_started.set()
 
-    async def serve(self, ready: Callable[[], Awaitable[None]]) -> None:
+    async def serve(
+        self,
+        ready: Callable[[], Awaitable[None]],
+        drained: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Serve until drained; then ``drained()`` (ASGI lifespan shutdown) runs while the
+        heartbeat still does, so the primary's watchdog does not take it for a hang."""
         async with trio.open_nursery() as root:
             async with trio.open_nursery() as conns:
                 self.conn_nursery = conns
                 for listener in self.listeners:
                     conns.start_soon(self._accept_guarded, listener)
                 root.start_soon(self.heartbeat)
+                root.start_soon(self.drain_on_sigterm)
                 root.start_soon(self.report_closed)
                 root.start_soon(self.state.sweep)
                 await ready()
@@ -301,7 +322,17 @@ class Worker:
                     await self.channel.send(_ipc.encode("closed", n=self.closed_pending))
                     self.closed_pending = 0
                 await self.channel.send(_ipc.encode("beat", stats=self.stats()))
+            if drained is not None:
+                await drained()
             root.cancel_scope.cancel()
+
+    async def drain_on_sigterm(self) -> None:
+        """SIGTERM sent to a worker (by a person, or a tool): drain gracefully, like a
+        disconnect. The primary escalates to SIGKILL if that takes too long."""
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                log.info("SIGTERM: draining")
+                await self.begin_drain(self.config.graceful_timeout, announce=True)
 
     async def _accept_guarded(self, listener: socket.socket) -> None:
         try:
@@ -318,7 +349,9 @@ class Worker:
             await self.idle.wait()
             conns.cancel_scope.cancel()
             # keep reading (refusing late fds) until the primary has seen us go
-            inner.cancel_scope.deadline = trio.current_time() + 0.05
+            with trio.move_on_after(ACK_TIMEOUT):
+                await self.acked.wait()
+            inner.cancel_scope.cancel()
 
 
 def app_traceback(exc: BaseException) -> str:
@@ -361,6 +394,7 @@ async def _main(fd: int) -> None:
         sys.stderr.write(f"trioherd worker: no valid init from the primary: {exc}\n")
         os._exit(1)
     worker = Worker(channel, init, fds)
+    worker.early = batch[1:]  # e.g. a disconnect sent right after the init
     _current = worker
     setup_logging(worker.config.log_level, f"w{worker.info.id}")
     if worker.config.access_log:  # asked for explicitly: not silenced by --log-level
@@ -386,12 +420,14 @@ async def _main(fd: int) -> None:
         async def ready() -> None:
             await channel.send(_ipc.encode("ready", v=_ipc.PROTOCOL_VERSION, pid=os.getpid()))
 
-        await worker.serve(ready)
-        if lifespan is not None:
+        async def shutdown() -> None:
+            assert lifespan is not None
             # what is left of the grace, plus a second: the primary's SIGTERM comes at
             # grace + KILL_MARGIN (2 s) after it asked us to disconnect
             with trio.move_on_at(max(worker.drain_deadline, trio.current_time()) + 1.0):
                 await lifespan.shutdown()
+
+        await worker.serve(ready, shutdown if lifespan is not None else None)
         nursery.cancel_scope.cancel()
     channel.close()
 

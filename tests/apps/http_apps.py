@@ -134,3 +134,12 @@ def _starlette() -> Any:
 
 
 starlette_app = _starlette()
+
+
+async def blocking(request: Request) -> Response:
+    """/hang blocks the worker's event loop, as a CPU-bound or sync-I/O app would."""
+    if request.path == "/hang":
+        import time
+
+        time.sleep(600)
+    return Response("fine", headers={"x-pid": PID})

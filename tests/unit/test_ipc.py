@@ -25,6 +25,7 @@ def test_round_trip_of_every_message_type() -> None:
         "beat": {"stats": {"requests": 5}},
         "closed": {"n": 7},
         "refuse": {},
+        "draining": {},
     }
     assert set(samples) == set(_ipc.SCHEMA)
     for kind, fields in samples.items():
