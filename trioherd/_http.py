@@ -200,11 +200,14 @@ class HTTPConnection:
         "_remaining",
         "app",
         "asgi",
+        "bodyless",
         "client",
         "conn",
         "deadline",
         "expired",
+        "headers",
         "keep_alive",
+        "leftover",
         "phase",
         "request",
         "response_started",
@@ -248,6 +251,9 @@ class HTTPConnection:
         self.expired: int | None = None
         self.scope = trio.CancelScope()
         self.request: h11.Request | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.bodyless = False
+        self.leftover = False
 
     def expire(self) -> None:
         """The current phase ran out of time: cancel whatever the connection awaits."""
@@ -308,17 +314,16 @@ class HTTPConnection:
                 return False
             served += 1
             self.keep_alive = not (
-                self.state.draining
-                or (per_connection and served >= per_connection)
-                or _wants_close(event)
+                self.state.draining or (per_connection and served >= per_connection)
             )
             if not await self._serve_request(event):
                 return True
             if not self.keep_alive:
                 return False
             conn = self.conn
-            if conn.their_state is not h11.DONE:
-                # usually just the EndOfMessage of a request without a body
+            if self.bodyless:
+                pass  # h11 would only say EndOfMessage, consuming nothing: skip asking it
+            elif conn.their_state is not h11.DONE:
                 if type(conn.next_event()) is not h11.EndOfMessage and not (
                     await self._discard_body()
                 ):
@@ -327,6 +332,7 @@ class HTTPConnection:
                     return False
             leftover = conn.trailing_data[0]
             self.conn = self._new_parser()
+            self.leftover = bool(leftover)
             if leftover:
                 self.conn.receive_data(leftover)
 
@@ -336,12 +342,12 @@ class HTTPConnection:
         conn = self.conn
         state = self.state
         config = state.config
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:  # pipelined: already here, but others go first
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self.phase = APP
-            return event  # type: ignore[return-value]
-        if conn.trailing_data[0]:
+        if self.leftover:  # bytes of the next request came with the last one
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:  # pipelined: already here, but others go first
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self.phase = APP
+                return event  # type: ignore[return-value]
             self.phase = HEAD
             self.deadline = trio.current_time() + config.header_timeout
         else:
@@ -368,17 +374,21 @@ class HTTPConnection:
         """Run the app for one request; False if the connection must end at once."""
         config = self.state.config
         self.request = request
-        headers = request.headers
+        self.headers = headers = header_list(request)
         if len(headers) > config.max_header_count:
             await self._reject(431, "too many header fields")
             return False
         # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
         size = len(request.method) + len(request.target) + 12
         content_length = None
+        chunked = False
         for name, value in headers:
             size += len(name) + len(value) + 4
             if name == b"content-length":
                 content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        self.bodyless = not chunked and not content_length
         if size > config.max_header_size:
             await self._reject(431, "request head too large")
             return False
@@ -390,7 +400,7 @@ class HTTPConnection:
         self.response_started = False
         self.sent_continue = False
         self._head_only = request.method == b"HEAD"
-        if request.http_version != b"1.1":
+        if request.http_version != b"1.1" or _wants_close(headers):
             self.keep_alive = False
         status = 500
         try:
@@ -615,7 +625,7 @@ class HTTPConnection:
             method=request.method.decode("ascii"),
             path=unquote(path) if "%" in path else path,
             query=query,
-            headers=Headers(request.headers),  # type: ignore[arg-type]
+            headers=Headers(self.headers),
             client=self.client,
             http_version=request.http_version.decode("ascii"),
             scheme=self.scheme,
@@ -673,7 +683,7 @@ class HTTPConnection:
             "raw_path": path,
             "query_string": query,
             "root_path": "",
-            "headers": request.headers,
+            "headers": self.headers,
             "client": self.client,
             "server": self.server,
             "state": dict(self.state.asgi_state),
@@ -738,8 +748,20 @@ class HTTPConnection:
         return status
 
 
-def _wants_close(request: h11.Request) -> bool:
-    for name, value in request.headers:
+def header_list(request: h11.Request) -> list[tuple[bytes, bytes]]:
+    """The request's (lower-case name, value) pairs as a plain list.
+
+    h11's Headers is a Sequence whose iteration goes through ``__getitem__`` one item at a
+    time; its own list of items is read directly when it is there (it is in h11 0.14 to
+    0.16), which makes a measurable difference at thousands of requests a second."""
+    items = getattr(request.headers, "_full_items", None)
+    if isinstance(items, list):
+        return [(name, value) for _, name, value in items]
+    return list(request.headers)
+
+
+def _wants_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
         if name == b"connection" and b"close" in value.lower():
             return True
     return False

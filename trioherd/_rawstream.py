@@ -69,12 +69,16 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
-        view = memoryview(data)
-        total = len(view)
+        total = len(data)
         sent = 0
+        view = None
         while sent < total:
             try:
-                sent += sock.send(view[sent:] if sent else view)
+                if not sent:
+                    sent = sock.send(data)  # usually all of it, at once
+                else:
+                    view = view or memoryview(data)
+                    sent += sock.send(view[sent:])
             except BlockingIOError:
                 if self._closed:
                     raise trio.ClosedResourceError("stream closed") from None
