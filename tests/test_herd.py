@@ -404,6 +404,8 @@ async def test_a_worker_sigtermed_alone_drains_and_loses_no_connection() -> None
             while len([w for w in herd.workers if w.state == "ready"]) != 2:
                 await trio.sleep(0.05)
         assert staying in herd.workers
+        assert herd.respawns == {"signal": 1}  # replaced at once, not counted as a crash
+        assert herd.workers[0].slot.failures == 0 and herd.workers[1].slot.failures == 0
 
 
 async def test_a_worker_whose_loop_hangs_is_killed_and_replaced(

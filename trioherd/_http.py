@@ -293,7 +293,10 @@ class HTTPConnection:
                 linger = await self._serve_requests()
             if self.scope.cancelled_caught and self.expired in (HEAD, BODY):
                 what = "head" if self.expired == HEAD else "body"
-                await self._reject(408, f"request {what} not received in time")
+                if self.response_started:  # too late to say so: count it, then drop
+                    self._count(self.request, 408, 0.0, 0)
+                else:
+                    await self._reject(408, f"request {what} not received in time")
                 linger = True
         except h11.RemoteProtocolError as exc:
             await self._reject(exc.error_status_hint, str(exc))

@@ -46,7 +46,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "boot_error": {"text": str},
     "beat": {"stats": dict},
     "closed": {"n": int},
-    "refuse": {},
+    "refuse": {"l": int},
     "draining": {},
 }
 
@@ -125,8 +125,8 @@ class Channel:
         """Send one message (and fds). Fast path without a lock; waiters queue on the lock."""
         if self.closed:
             raise ChannelClosed("channel closed")
-        if self.try_send(data, fds):
-            return
+        if not self._send_lock.locked() and self.try_send(data, fds):
+            return  # nobody queued ahead of us: messages keep their order
         async with self._send_lock:
             while not self.try_send(data, fds):
                 await trio.lowlevel.wait_writable(self.sock)

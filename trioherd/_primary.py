@@ -103,6 +103,7 @@ class Worker:
     recycle_after: float = 0.0
     killed_for: str | None = None
     protocol_error: bool = False
+    drained_itself: bool = False
     shared: bool = False
     exit_code: int | None = None
     exit_signal: str | None = None
@@ -384,7 +385,8 @@ class Herd:
             self._drain_channel(worker)  # its last words: final counters, boot error
         finally:
             with trio.CancelScope(shield=True):
-                if worker.process.poll() is None:
+                if worker.process.poll() is None:  # the herd itself is being cancelled
+                    worker.killed_for = worker.killed_for or "shutdown"
                     _kill(worker, signal.SIGKILL)
                     await _wait_process(worker.process)
                 worker.channel.close()
@@ -449,10 +451,11 @@ class Herd:
         elif kind == "refuse":
             worker.closed += len(fds)
             assert self._nursery is not None
-            self._nursery.start_soon(self._dispatch_fds, fds, 0)
+            self._nursery.start_soon(self._dispatch_fds, fds, message["l"])
         elif kind == "boot_error":
             worker.boot_error = message["text"]
         elif kind == "draining":  # the worker drains on its own (SIGTERM): let it go
+            worker.drained_itself = True
             if worker.state in ("starting", "ready"):
                 worker.state = "disconnecting"
                 self._dispatcher.remove(worker)
@@ -506,9 +509,10 @@ class Herd:
         if worker.ready_at is not None:
             return
         worker.ready_at = trio.current_time()
-        worker.state = "ready"
+        if worker.state == "starting":  # not if a stop or scale-down already reached it
+            worker.state = "ready"
         self._boot_failures = 0
-        if not self._stopping and worker.slot.active:
+        if worker.state == "ready" and not self._stopping and worker.slot.active:
             self._dispatcher.add(worker)
         self._signal_capacity()
         worker.ready_event.set()
@@ -543,7 +547,15 @@ class Herd:
             )
         )
         slot = worker.slot
-        if worker.requested_disconnect:
+        if worker.drained_itself and not worker.requested_disconnect:
+            log.info(
+                "worker %d (pid %d) in slot %d drained on its own (SIGTERM) and exited (%s)",
+                worker.id,
+                worker.pid,
+                slot.index,
+                worker.describe_exit(),
+            )
+        elif worker.requested_disconnect:
             log.info(
                 "worker %d (pid %d) exited after disconnect (%s)",
                 worker.id,
@@ -561,7 +573,17 @@ class Herd:
         if slot.worker is not worker:
             return  # a replacement that never took over, or a replaced worker
         slot.worker = None
-        if worker.requested_disconnect or self._stopping or not slot.active:
+        assert self._nursery is not None
+        if (
+            worker.requested_disconnect
+            or self._stopping
+            or not slot.active
+            or self._nursery.cancel_scope.cancel_called
+        ):
+            return
+        if worker.drained_itself:  # SIGTERM sent to the worker: replace it, no penalty
+            self._count_respawn("signal")
+            self._nursery.start_soon(self._respawn, slot, 0.0)
             return
         if worker.ready_at is None:
             self._boot_failures += 1
@@ -668,6 +690,7 @@ class Herd:
         graceful_timeout; SIGTERM past it plus a margin, then SIGKILL."""
         if worker.state == "exited":
             return
+        worker.requested_disconnect = True  # even if it was already draining on its own
         if worker.state != "disconnecting":
             worker.state = "disconnecting"
             worker.requested_disconnect = True
@@ -715,9 +738,12 @@ class Herd:
                 if not dispatcher.has_room():
                     await self._capacity.wait()
                     continue
+                # no await from the first accept to the flush: every fd accepted here is
+                # either handed over or closed, even if we are cancelled
                 batches: dict[Worker, list[int]] = {}
                 overflow: list[int] = []
                 drained = True
+                pause = False
                 for _ in range(256):
                     try:
                         fd, _ = accept()
@@ -727,7 +753,7 @@ class Herd:
                         if not is_transient_accept_error(exc):
                             raise
                         log.warning("accept failed: %s", exc)
-                        await trio.sleep(0.05)
+                        pause = True
                         break
                     worker = pick()
                     if worker is None:  # every worker became full during this batch
@@ -735,22 +761,40 @@ class Herd:
                         drained = False
                         break
                     worker.dispatched += 1
-                    fds = batches.get(worker)
-                    if fds is None:
-                        batches[worker] = [fd]
-                    else:
-                        fds.append(fd)
-                        if len(fds) == max_fds:
-                            del batches[worker]
-                            await self._send_fds(worker, fds, index, message)
+                    fds = batches.setdefault(worker, [])
+                    fds.append(fd)
+                    if len(fds) == max_fds:  # a full packet: flush, then accept more
+                        drained = False
+                        break
                 else:
                     drained = False  # 256 in a row: flush, then accept more
-                for target, fds in batches.items():
-                    await self._send_fds(target, fds, index, message)
-                if overflow:
-                    await self._dispatch_fds(overflow, index)
+                await self._flush(batches, overflow, index, message)
+                if pause:  # out of fds or memory: give the workers a moment
+                    await trio.sleep(0.05)
+
+    async def _flush(
+        self,
+        batches: dict[Worker, list[int]],
+        overflow: list[int],
+        index: int,
+        message: bytes,
+    ) -> None:
+        pending = list(batches.items())
+        try:
+            while pending:
+                worker, fds = pending[0]
+                await self._send_fds(worker, fds, index, message)
+                pending.pop(0)
+        except BaseException:
+            for _, fds in pending[1:]:
+                _ipc.close_fds(fds)
+            _ipc.close_fds(overflow)
+            raise
+        if overflow:
+            await self._dispatch_fds(overflow, index)
 
     async def _send_fds(self, worker: Worker, fds: list[int], index: int, message: bytes) -> None:
+        """Hand ``fds`` to ``worker`` (or, if that fails, to another) and close our copies."""
         try:
             await worker.channel.send(message, fds)
         except (_ipc.ChannelClosed, OSError) as exc:
@@ -759,28 +803,32 @@ class Herd:
             self._dispatcher.remove(worker)
             await self._dispatch_fds(fds, index)
             return
+        except BaseException:  # cancelled before the send: nobody else has them
+            _ipc.close_fds(fds)
+            raise
         _ipc.close_fds(fds)
 
     async def _dispatch_fds(self, fds: list[int], index: int) -> None:
-        """Give fds that could not be delivered to another worker."""
-        message = self._conn_messages[index] if self._conn_messages else b""
-        while fds:
-            worker = self._dispatcher.pick()
-            if worker is None:
-                if self._stopping:
-                    _ipc.close_fds(fds)
-                    return
-                await self._capacity.wait()
-                continue
-            worker.dispatched += len(fds)
-            try:
-                await worker.channel.send(message, fds)
-            except (_ipc.ChannelClosed, OSError):
-                worker.dispatched -= len(fds)
-                self._dispatcher.remove(worker)
-                continue
-            _ipc.close_fds(fds)
-            return
+        """Give fds that could not be delivered (or were refused) to another worker."""
+        message = self._conn_messages[index % len(self._conn_messages)]
+        try:
+            while fds:
+                worker = self._dispatcher.pick()
+                if worker is None:
+                    if self._stopping:
+                        break
+                    await self._capacity.wait()
+                    continue
+                worker.dispatched += len(fds)
+                try:
+                    await worker.channel.send(message, fds)
+                except (_ipc.ChannelClosed, OSError):
+                    worker.dispatched -= len(fds)
+                    self._dispatcher.remove(worker)
+                    continue
+                break
+        finally:
+            _ipc.close_fds(fds)  # handed over (the worker has its own copies) or given up
 
     def _signal_capacity(self) -> None:
         """Wake everyone waiting for a worker with room (accept loops, re-dispatch, boot);

@@ -6,8 +6,9 @@ Boot: set PR_SET_PDEATHSIG, read the init message (config, id) from the channel,
 the app (a failure is reported to the primary as ``boot_error`` with the traceback, then
 exit 3), run ASGI lifespan startup, then say ``ready``.
 
-Serve: every ``conn`` message brings up to 16 accepted fds; each becomes a trio
-SocketStream (TCP_NODELAY set) in its own task of the connection nursery. With the
+Serve: every ``conn`` message brings up to 16 accepted fds; each becomes a connection task
+in the connection nursery, over a raw non-blocking socket for plain HTTP (TCP_NODELAY comes
+from the listening socket), a trio SocketStream for TLS and stream handlers. With the
 ``shared`` policy the worker accepts on the listening sockets it was given instead.
 Heartbeats with counters go to the primary from this event loop, so a blocked loop stops
 them; closed connections are reported in small batches for least-busy dispatch.
@@ -250,7 +251,7 @@ class Worker:
                 kind = message["t"]
                 if kind == "conn":
                     if self.draining:
-                        await self.refuse(fds)
+                        await self.refuse(fds, message["l"])
                     else:
                         family = self.families[message["l"] % len(self.families)]
                         for fd in fds:
@@ -266,11 +267,11 @@ class Worker:
                     except trio.WouldBlock:
                         log.warning("inbox full: dropped a message from the primary")
 
-    async def refuse(self, fds: list[int]) -> None:
+    async def refuse(self, fds: list[int], listener: int) -> None:
         """Hand fds back to the primary for another worker; never drop them."""
         self.refused += len(fds)
         try:
-            await self.channel.send(_ipc.encode("refuse"), fds)
+            await self.channel.send(_ipc.encode("refuse", l=listener), fds)
         except _ipc.ChannelClosed:
             pass
         finally:

@@ -24,7 +24,7 @@ def test_round_trip_of_every_message_type() -> None:
         "boot_error": {"text": "Traceback ..."},
         "beat": {"stats": {"requests": 5}},
         "closed": {"n": 7},
-        "refuse": {},
+        "refuse": {"l": 0},
         "draining": {},
     }
     assert set(samples) == set(_ipc.SCHEMA)
