@@ -4,10 +4,13 @@ it, and the test process has no more open fds afterwards than before."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +27,10 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 MARKER = "TRIOHERD_TEST_MARKER"
 os.environ[MARKER] = uuid.uuid4().hex  # inherited by every process a test starts
+# control sockets of test herds go to a directory of this session, not the user's own
+RUNTIME_DIR = tempfile.mkdtemp(prefix="trioherd-tests-")
+os.environ["XDG_RUNTIME_DIR"] = RUNTIME_DIR
+atexit.register(shutil.rmtree, RUNTIME_DIR, True)
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
@@ -71,6 +78,12 @@ def no_leaks() -> Iterator[None]:
     assert wait_until(lambda: len(open_fds()) <= len(before), 5), (
         f"fds left open: {sorted(open_fds() - before)}"
     )
+    assert wait_until(lambda: not control_sockets(), 5), f"left behind: {control_sockets()}"
+
+
+def control_sockets() -> list[str]:
+    directory = Path(RUNTIME_DIR) / "trioherd"
+    return sorted(p.name for p in directory.glob("*.sock")) if directory.exists() else []
 
 
 def unique_name() -> str:

@@ -159,6 +159,13 @@ def test_sigkill_of_the_primary_leaves_no_worker(cli_herd: Any) -> None:
             return True
 
     assert wait_until(lambda: all(gone(pid) for pid in pids), 2.0)
+    # a SIGKILLed primary cannot remove its control socket; the next herd of that name
+    # does (tested in test_operations); here the test tidies up after itself
+    from trioherd._control import socket_path
+
+    stale = Path(socket_path(herd.name))
+    assert stale.exists()
+    stale.unlink()
 
 
 def test_app_that_raises_at_import_makes_serve_exit_3(cli_herd: Any) -> None:
