@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._errors import ConfigError
+from ._listeners import unix_socket_in_use
 
 if TYPE_CHECKING:
     from ._primary import Herd
@@ -69,16 +70,8 @@ def bind_control_socket(name: str) -> tuple[str, socket.socket]:
     directory = control_dir()
     _private_dir(directory)
     path = os.path.join(directory, f"{name}.sock")
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: its herd is gone
-        else:
-            raise ConfigError("name", f"a herd named {name!r} is already running ({path})")
-        finally:
-            probe.close()
+    if unix_socket_in_use(path):  # a stale socket (its herd is gone) is removed
+        raise ConfigError("name", f"a herd named {name!r} is already running ({path})")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
@@ -13,6 +14,8 @@ import attrs
 
 from ._config import DEFAULT_BIND, Config, parse_host_port
 from ._errors import ConfigError
+
+log = logging.getLogger("trioherd.accept")
 
 BACKLOG = 2048
 SD_LISTEN_FDS_START = 3
@@ -65,18 +68,27 @@ def open_tcp(address: str, tls: bool) -> Listener:
     return Listener(sock, _url(sock, tls))
 
 
+def unix_socket_in_use(path: str) -> bool:
+    """True if a server listens on the Unix socket ``path``; a stale socket file (its
+    server died without removing it) is removed and False returned."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return False
+    return True
+
+
 def open_unix(path: str, tls: bool) -> Listener:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody listens there
-            else:
-                raise ConfigError("uds", f"{path}: another server is listening there")
-            finally:
-                probe.close()
+    if unix_socket_in_use(path):
+        raise ConfigError("uds", f"{path}: another server is listening there")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -140,6 +152,22 @@ def open_listeners(config: Config) -> list[Listener]:
             listener.close()
         raise
     return listeners
+
+
+def accept_fd(sock: socket.socket) -> tuple[int | None, bool]:
+    """Accept one connection as a raw fd, no socket object: ``(fd, False)``;
+    ``(None, False)`` when none is waiting; ``(None, True)`` after an error that passes
+    (out of fds, memory, or an aborted connection; logged): pause a moment, then go on."""
+    try:
+        fd, _ = sock._accept()  # type: ignore[attr-defined]
+    except BlockingIOError:
+        return None, False
+    except OSError as exc:
+        if not is_transient_accept_error(exc):
+            raise
+        log.warning("accept failed: %s", exc)
+        return None, True
+    return fd, False
 
 
 def is_transient_accept_error(exc: OSError) -> bool:

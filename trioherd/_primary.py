@@ -32,7 +32,7 @@ import trio
 from . import _ipc, _tls
 from ._config import Config
 from ._errors import IPCProtocolError, TrioherdError, WorkerBootError
-from ._listeners import Listener, is_transient_accept_error, open_listeners
+from ._listeners import Listener, accept_fd, open_listeners
 from ._policy import Dispatcher, backoff_delay, request_limit, should_recycle
 from ._systemd import Notifier
 
@@ -726,7 +726,6 @@ class Herd:
         """Accept raw fds until EAGAIN and pass them on in batches; stop accepting while
         every worker is full, so that the kernel backlog, not our memory, holds clients."""
         sock = listener.sock
-        accept = sock._accept  # type: ignore[attr-defined]
         dispatcher = self._dispatcher
         pick = dispatcher.pick
         max_fds = _ipc.MAX_FDS
@@ -745,15 +744,8 @@ class Herd:
                 drained = True
                 pause = False
                 for _ in range(256):
-                    try:
-                        fd, _ = accept()
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        if not is_transient_accept_error(exc):
-                            raise
-                        log.warning("accept failed: %s", exc)
-                        pause = True
+                    fd, pause = accept_fd(sock)
+                    if fd is None:
                         break
                     worker = pick()
                     if worker is None:  # every worker became full during this batch

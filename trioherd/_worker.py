@@ -40,7 +40,7 @@ from . import _app, _ipc
 from ._config import Config
 from ._errors import ConfigError, IPCProtocolError
 from ._http import HTTPConnection, ServerState
-from ._listeners import is_transient_accept_error
+from ._listeners import accept_fd
 from ._log import setup_logging
 from ._rawstream import RawSocketStream
 
@@ -216,15 +216,10 @@ class Worker:
                 continue
             await trio.lowlevel.wait_readable(listener)
             while self.open < limit and not self.draining:
-                try:
-                    fd, _ = listener._accept()  # type: ignore[attr-defined]
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if not is_transient_accept_error(exc):
-                        raise
-                    log.warning("accept failed: %s", exc)
-                    await trio.sleep(0.05)
+                fd, pause = accept_fd(listener)
+                if fd is None:
+                    if pause:
+                        await trio.sleep(0.05)
                     break
                 self.start_connection(fd, listener.family)
 
