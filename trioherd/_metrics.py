@@ -52,7 +52,8 @@ def render(herd: Herd) -> str:
         "# HELP trioherd_respawns_total Workers replaced, by cause.",
         "# TYPE trioherd_respawns_total counter",
     ]
-    for cause in ("crash", "boot", "timeout", "max-requests", "max-memory", "protocol error"):
+    causes = {"crash", "boot", "timeout", "signal", "max-requests", "max-memory"}
+    for cause in sorted(causes | set(herd.respawns)):
         label = cause.replace(" ", "-")
         lines.append(f'trioherd_respawns_total{{cause="{label}"}} {herd.respawns.get(cause, 0)}')
     lines += [
