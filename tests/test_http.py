@@ -330,3 +330,137 @@ async def test_a_bad_request_after_a_good_one_on_the_same_connection_gets_400() 
         first, _, second = data.partition(b"Hello, World!")
         assert status_of(first) == 200
         assert status_of(second) == 400
+
+
+def responses(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Split HTTP/1.1 responses: Content-Length, chunked or close-delimited bodies."""
+    found = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            assert name.lower() not in headers, f"duplicate {name!r}"
+            headers[name.lower()] = value.strip()
+        body = b""
+        if b"content-length" in headers:
+            size = int(headers[b"content-length"])
+            body, data = data[:size], data[size:]
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            while True:
+                size_line, _, data = data.partition(b"\r\n")
+                size = int(size_line, 16)
+                if not size:
+                    data = data[2:]
+                    break
+                body += data[:size]
+                data = data[size + 2 :]
+        elif headers.get(b"connection") == b"close":  # delimited by the close
+            body, data = data, b""
+        found.append((status, headers, body))
+    return found
+
+
+async def test_framing_edge_cases_keep_http_1_1_correct() -> None:
+    async with open_herd(app="apps.edge_apps:app", workers=1) as herd:
+        host, port = address_of(herd)
+        close = b"Connection: close\r\n"
+
+        # a response already under way gets no 100 Continue in its middle
+        data = await raw_exchange(
+            host,
+            port,
+            b"POST /stream-echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+            + close
+            + b"\r\nhello",
+        )
+        assert b"100 Continue" not in data
+        ((status, _, body),) = responses(data)
+        assert (status, body) == (200, b"hello")
+
+        # HEAD: the app may declare the GET's length and send nothing
+        data = await raw_exchange(
+            host, port, b"HEAD /declared HTTP/1.1\r\nHost: t\r\n" + close + b"\r\n"
+        )
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 10\r\n" in data
+        assert data.endswith(b"\r\n\r\n")
+
+        # an error after a HEAD on the same connection carries its whole body
+        data = await raw_exchange(host, port, b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n")
+        head_answer, _, error = data.partition(b"\r\n\r\n")
+        assert head_answer.startswith(b"HTTP/1.1 200")
+        ((status, headers, body),) = responses(error)
+        assert status == 400 and len(body) == int(headers[b"content-length"])
+
+        # Content-Length and Transfer-Encoding together: answered, then closed (RFC 9112 6.1)
+        data = await raw_exchange(
+            host,
+            port,
+            b"POST /f HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\nGET /g HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        ((status, headers, _),) = responses(data)
+        assert status == 200 and headers[b"connection"] == b"close"
+
+        # a client waiting for 100-continue, answered without the body: told it closes
+        data = await raw_exchange(
+            host,
+            port,
+            b"POST /ignore HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        ((status, headers, _),) = responses(data)
+        assert status == 200 and headers[b"connection"] == b"close"
+
+        # an Upgrade offer with a body is declined, and the connection goes on
+        data = await raw_exchange(
+            host,
+            port,
+            b"POST /u HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 5\r\n\r\nhelloGET /after HTTP/1.1\r\nHost: t\r\n"
+            + close
+            + b"\r\n",
+        )
+        assert [r[2] for r in responses(data)] == [b"POST /u", b"GET /after"]
+
+        # blank lines before a request line are ignored (RFC 9112 2.2)
+        data = await raw_exchange(
+            host,
+            port,
+            b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi\r\n\r\nGET /q HTTP/1.1\r\nHost: t\r\n"
+            + close
+            + b"\r\n",
+        )
+        assert [r[2] for r in responses(data)] == [b"POST /p", b"GET /q"]
+
+        # what HTTP cannot carry is a 500, not bytes on the wire
+        for path in (b"/interim", b"/control-char"):
+            data = await raw_exchange(host, port, b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status_of(data) == 500, data
+
+        # the app's Connection header is merged with ours, not repeated beside it
+        data = await raw_exchange(host, port, b"GET /keep-alive-header HTTP/1.0\r\n\r\n")
+        assert data.lower().count(b"connection:") == 1 and b"connection: close" in data
+
+
+async def test_unread_body_then_close_reaches_the_client_intact() -> None:
+    import http.client
+
+    async with open_herd(app="apps.edge_apps:app", workers=1) as herd:
+        host, port = address_of(herd)
+
+        def post() -> tuple[int, bytes]:
+            connection = http.client.HTTPConnection(host, port, timeout=30)
+            try:
+                connection.request(
+                    "POST",
+                    "/ignore",
+                    body=b"x" * (8 * 1024 * 1024),
+                    headers={"Connection": "close"},
+                )
+                response = connection.getresponse()
+                return response.status, response.read()
+            finally:
+                connection.close()
+
+        status, body = await trio.to_thread.run_sync(post)
+        assert (status, body) == (200, b"ignored")

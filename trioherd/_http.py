@@ -152,7 +152,8 @@ class BodyReader:
             return b""
         if conn.they_are_waiting_for_100_continue and not http.sent_continue:
             http.sent_continue = True
-            await http.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if not http.response_started:  # no 1xx once a final response has begun
+                await http.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         limit = http.state.config.max_body_size
         while True:
             event = conn.next_event()
@@ -169,15 +170,16 @@ class BodyReader:
             if kind is h11.EndOfMessage:
                 self.done = True
                 return b""
-            if event is h11.PAUSED:  # a protocol switch we do not take: end after this one
+            if event is h11.PAUSED:  # the client offered a protocol switch: we do not take it
                 self.done = True
-                http.keep_alive = False
                 return b""
             raise ClientGone()
 
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")  # h11's rules
+# where h11 is done with a request: DONE, or a protocol switch offered that we decline
+_REQUEST_DONE = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)  # type: ignore[attr-defined]
 _FRAMING = (b"content-length", b"transfer-encoding")
 
 
@@ -195,6 +197,7 @@ class HTTPConnection:
     """
 
     __slots__ = (
+        "_bodyless_status",
         "_chunked",
         "_head_only",
         "_remaining",
@@ -203,6 +206,7 @@ class HTTPConnection:
         "bodyless",
         "client",
         "conn",
+        "counted",
         "deadline",
         "expired",
         "headers",
@@ -215,6 +219,7 @@ class HTTPConnection:
         "scope",
         "sent_continue",
         "server",
+        "started",
         "state",
         "stream",
         "tls",
@@ -245,6 +250,7 @@ class HTTPConnection:
         self.sent_continue = False
         self._head_only = False
         self._chunked = False
+        self._bodyless_status = False
         self._remaining: int | None = None
         self.phase = IDLE
         self.deadline = math.inf
@@ -254,6 +260,8 @@ class HTTPConnection:
         self.headers: list[tuple[bytes, bytes]] = []
         self.bodyless = False
         self.leftover = False
+        self.counted = False
+        self.started = 0.0
 
     def expire(self) -> None:
         """The current phase ran out of time: cancel whatever the connection awaits."""
@@ -269,6 +277,11 @@ class HTTPConnection:
     # -- I/O helpers -------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
+        """Send part of the response (from now on, no other response can be given)."""
+        self.response_started = True
+        await self.write(data)
+
+    async def write(self, data: bytes) -> None:
         self.state.stats.bytes_out += len(data)
         await self.stream.send_all(data)
 
@@ -294,7 +307,7 @@ class HTTPConnection:
             if self.scope.cancelled_caught and self.expired in (HEAD, BODY):
                 what = "head" if self.expired == HEAD else "body"
                 if self.response_started:  # too late to say so: count it, then drop
-                    self._count(self.request, 408, 0.0, 0)
+                    self._count(self.request, 408, 0)
                 else:
                     await self._reject(408, f"request {what} not received in time")
                 linger = True
@@ -321,27 +334,33 @@ class HTTPConnection:
             )
             if not await self._serve_request(event):
                 return True
+            conn = self.conn
+            if not self.bodyless and conn.their_state not in _REQUEST_DONE:
+                # usually just h11's EndOfMessage; else read and drop the rest (bounded by
+                # max_body_size and header_timeout), even before a close: a client that
+                # sends its whole body before it reads would meet a reset otherwise
+                tail = conn.next_event()
+                if type(tail) is not h11.EndOfMessage and tail is not h11.PAUSED:
+                    if not await self._discard_body():
+                        return True  # linger: read what comes for a moment, then close
+                if conn.their_state not in _REQUEST_DONE:
+                    return False
             if not self.keep_alive:
                 return False
-            conn = self.conn
-            if self.bodyless:
-                pass  # h11 would only say EndOfMessage, consuming nothing: skip asking it
-            elif conn.their_state is not h11.DONE:
-                if type(conn.next_event()) is not h11.EndOfMessage and not (
-                    await self._discard_body()
-                ):
-                    return True
-                if conn.their_state is not h11.DONE:
-                    return False
-            leftover = conn.trailing_data[0]
+            # RFC 9112 2.2: blank lines before a request line are to be ignored
+            leftover = conn.trailing_data[0].lstrip(b"\r\n")
             self.conn = self._new_parser()
             self.leftover = bool(leftover)
             if leftover:
                 self.conn.receive_data(leftover)
 
     async def _read_head(self) -> h11.Request | h11.ConnectionClosed | None:
+        # nothing of the request to come is known, counted or sent yet
         self.request = None
-        self.response_started = False  # nothing sent yet for the request to come
+        self.response_started = False
+        self.counted = False
+        self._head_only = False
+        self.started = 0.0
         conn = self.conn
         state = self.state
         config = state.config
@@ -363,6 +382,9 @@ class HTTPConnection:
             if self.phase == IDLE:
                 if not data:
                     return None
+                data = bytes(data).lstrip(b"\r\n")  # RFC 9112 2.2: blank lines are ignored
+                if not data:
+                    continue
                 self.phase = HEAD
                 self.deadline = trio.current_time() + config.header_timeout
             state.stats.bytes_in += len(data)
@@ -377,6 +399,8 @@ class HTTPConnection:
         """Run the app for one request; False if the connection must end at once."""
         config = self.state.config
         self.request = request
+        self.started = self.started_at()
+        self._head_only = request.method == b"HEAD"
         self.headers = headers = header_list(request)
         if len(headers) > config.max_header_count:
             await self._reject(431, "too many header fields")
@@ -392,17 +416,16 @@ class HTTPConnection:
             elif name == b"transfer-encoding":
                 chunked = True
         self.bodyless = not chunked and not content_length
+        if chunked and content_length is not None:
+            self.keep_alive = False  # RFC 9112 6.1: answer, then close (smuggling guard)
         if size > config.max_header_size:
             await self._reject(431, "request head too large")
             return False
         if content_length is not None and content_length > config.max_body_size:
             await self._reject(413, "request body too large")
             return False
-        started_at = self.started_at()
         sent_before = self.state.stats.bytes_out
-        self.response_started = False
         self.sent_continue = False
-        self._head_only = request.method == b"HEAD"
         if request.http_version != b"1.1" or _wants_close(headers):
             self.keep_alive = False
         status = 500
@@ -437,13 +460,15 @@ class HTTPConnection:
             return False
         finally:
             if self.expired is None:  # else run() answers 408 and counts it
-                sent = self.state.stats.bytes_out - sent_before
-                self._count(request, status, started_at, sent)
+                self._count(request, status, self.state.stats.bytes_out - sent_before)
         return True
 
-    def _count(
-        self, request: h11.Request | None, status: int, started_at: float, sent: int
-    ) -> None:
+    def _count(self, request: h11.Request | None, status: int, sent: int) -> None:
+        """Count a request once (stats, access log)."""
+        if self.counted:
+            return
+        self.counted = True
+        started_at = self.started
         stats = self.state.stats
         stats.requests += 1
         stats.status[min(status // 100, 5)] += 1
@@ -483,11 +508,14 @@ class HTTPConnection:
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> bytes:
         """The response head. ``length``: the body size, or None for a body of unknown
-        length (chunked, or close-delimited for an HTTP/1.0 client)."""
+        length (chunked, or close-delimited for an HTTP/1.0 client). Raises
+        InvalidResponse for what HTTP/1.1 cannot carry, before anything is sent."""
+        if not 200 <= status <= 999:  # 1xx are interim, never the answer
+            raise InvalidResponse(f"invalid response status {status!r}")
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
         has_date = has_server = False
         declared: int | None = None
-        chunked = False
+        connection: bytes | None = None
         for name, value in headers:
             lowered = name.lower()
             if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
@@ -497,13 +525,20 @@ class HTTPConnection:
             elif lowered == b"server":
                 has_server = True
             elif lowered == b"connection":
+                connection = value
                 if b"close" in value.lower():
                     self.keep_alive = False
+                continue  # merged with ours below
             elif lowered == b"content-length":
+                if not value.isdigit() or (declared is not None and int(value) != declared):
+                    raise InvalidResponse(f"invalid content-length {value!r}")
+                if declared is not None:
+                    continue  # the same value twice: send it once
                 declared = int(value)
+                if status == 204:
+                    continue  # RFC 9110 8.6: never on a 204
             elif lowered == b"transfer-encoding":
-                chunked = value.lower() == b"chunked"
-                if not chunked:
+                if value.lower() != b"chunked":
                     raise InvalidResponse(f"unsupported transfer-encoding {value!r}")
                 continue  # we add our own when we chunk
             parts.append(b"%s: %s\r\n" % (name, value))
@@ -511,15 +546,20 @@ class HTTPConnection:
             parts.append(b"date: %s\r\n" % http_date())
         if not has_server:
             parts.append(b"server: trioherd\r\n")
-        if self.state.draining:  # a drain began while this request was being served
+        if self.state.draining or (
+            # the client waits for 100-continue and we answer without reading the body:
+            # it may not send it, so this connection cannot go on (RFC 9110 10.1.1)
+            self.conn.they_are_waiting_for_100_continue and not self.bodyless
+        ):
             self.keep_alive = False
-        bodyless = status in (204, 304) or status < 200
+        self._bodyless_status = bodyless = status in (204, 304)
         self._chunked = False
         self._remaining = None
         if bodyless:
             self._remaining = 0
         elif declared is not None:
-            if length is not None and length != declared:
+            # HEAD: the app may declare the GET's length and send nothing (Starlette does)
+            if length is not None and length != declared and not (self._head_only and not length):
                 raise InvalidResponse(f"content-length {declared} but a body of {length}")
             self._remaining = declared
         elif length is not None:
@@ -530,16 +570,17 @@ class HTTPConnection:
             self._chunked = True
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
+        elif connection is not None:
+            parts.append(b"connection: %s\r\n" % connection)
         parts.append(b"\r\n")
-        self.response_started = True
         if self._head_only or bodyless:
             self._remaining = 0
             self._chunked = False
         return b"".join(parts)
 
     def _body(self, data: bytes) -> bytes:
-        """Frame a piece of body."""
-        if not data or self._head_only:
+        """Frame a piece of body (none for HEAD, 204 and 304)."""
+        if not data or self._head_only or self._bodyless_status:
             return b""
         if self._chunked:
             return b"%x\r\n%s\r\n" % (len(data), data)
@@ -561,7 +602,7 @@ class HTTPConnection:
     ) -> None:
         """Head + body in one send_all."""
         data = self._head(status, headers, len(body))
-        if body and not self._head_only and status not in (204, 304):
+        if body and not self._head_only and not self._bodyless_status:
             data += body
         await self.send(data)
 
@@ -570,8 +611,9 @@ class HTTPConnection:
         if self.response_started:
             return
         before = self.state.stats.bytes_out
+        self.started = self.started or self.started_at()
         await self._send_error(status, detail)
-        self._count(self.request, status, self.started_at(), self.state.stats.bytes_out - before)
+        self._count(self.request, status, self.state.stats.bytes_out - before)
 
     def started_at(self) -> float:
         return time.perf_counter() if self.state.config.access_log else 0.0
