@@ -549,7 +549,7 @@ class HTTPConnection:
         if self.state.draining or (
             # the client waits for 100-continue and we answer without reading the body:
             # it may not send it, so this connection cannot go on (RFC 9110 10.1.1)
-            self.conn.they_are_waiting_for_100_continue and not self.bodyless
+            not self.bodyless and self.conn.they_are_waiting_for_100_continue
         ):
             self.keep_alive = False
         self._bodyless_status = bodyless = status in (204, 304)
