@@ -208,6 +208,8 @@ MALFORMED_PACKETS = [
     b'{"t": "closed", "n": "seven"}',
     b'{"t": "conn", "l": 0}',
     b'{"t": "beat", "stats": []}',
+    b'{"t": "beat", "stats": {"requests": "lots"}}',
+    b'{"t": "ready", "v": 99, "pid": 1}',
 ]
 
 
@@ -433,3 +435,76 @@ async def test_a_worker_whose_loop_hangs_is_killed_and_replaced(
         assert f"worker {hung.id} (pid {hung.pid}) sent no heartbeat for 1.0s" in caplog.text
         assert "killed by trioherd: timeout" in caplog.text
         assert herd.respawns == {"timeout": 1}
+
+
+async def test_a_worker_killed_by_a_realtime_signal_is_respawned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioherd")
+    async with open_herd(app="apps.raw:whoami", workers=2) as herd:
+        victim = herd.workers[0]
+        os.kill(victim.pid, signal.SIGRTMIN + 6)  # a signal Python's enum has no name for
+        with trio.fail_after(30):
+            while victim.pid in {w.pid for w in herd.workers} or [
+                w.state for w in herd.workers
+            ] != ["ready", "ready"]:
+                await trio.sleep(0.05)
+        assert f"died: killed by signal {int(signal.SIGRTMIN) + 6}" in caplog.text
+
+
+async def test_a_hung_worker_neither_stops_accepting_nor_holds_a_stop() -> None:
+    import httpx
+
+    async with open_herd(
+        app="apps.http_apps:blocking", workers=2, graceful_timeout=1.0, worker_timeout=60
+    ) as herd:
+        host, port = address_of(herd)
+        # hang one worker's event loop, then keep connecting: its channel fills up, and
+        # every new connection must still reach the healthy worker
+        blocker = await trio.open_tcp_stream(host, port)
+        await blocker.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = await receive_until(blocker, b"fine")
+        hung_pid = int(first.split(b"x-pid: ", 1)[1].split(b"\r\n", 1)[0])
+        (hung,) = [w for w in herd.workers if w.pid == hung_pid]
+        (healthy,) = [w for w in herd.workers if w.pid != hung_pid]
+        await blocker.send_all(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
+        idle: list[trio.SocketStream] = []
+        try:
+            async with httpx.AsyncClient(base_url=herd.addresses[0], timeout=30) as client:
+                with trio.fail_after(60):
+                    while hung in herd._dispatcher:  # until its channel is full: skipped
+                        idle.append(await trio.open_tcp_stream(host, port))
+                        assert len(idle) < 3000
+                        await trio.sleep(0.002)
+                for _ in range(5):
+                    reply = await client.get("/", headers={"connection": "close"})
+                    assert reply.headers["x-pid"] == str(healthy.pid)
+            started = time.monotonic()
+            await herd.stop()  # the hung worker cannot even read its disconnect
+            took = time.monotonic() - started
+        finally:
+            for stream in [blocker, *idle]:
+                await stream.aclose()
+    # grace 1 s + SIGTERM margin 2 s + SIGKILL margin 2 s, with room; not worker_timeout
+    assert took < 30
+
+
+async def test_scale_down_during_a_reload_leaves_no_extra_worker() -> None:
+    async with open_herd(app="apps.raw:whoami", workers=2) as herd:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(herd.reload)
+            await trio.sleep(0.05)
+            await herd.scale(1)
+        with trio.fail_after(30):
+            while len(herd.workers) != 1:
+                await trio.sleep(0.05)
+        assert herd.size == 1
+
+
+async def test_stop_during_a_reload_is_not_a_failed_reload() -> None:
+    async with open_herd(app="apps.raw:whoami", workers=2) as herd:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(herd.reload)  # must return quietly, not raise ReloadError
+            await trio.sleep(0.05)
+            await herd.stop()
+        assert herd.workers == []

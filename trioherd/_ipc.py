@@ -131,6 +131,17 @@ class Channel:
             while not self.try_send(data, fds):
                 await trio.lowlevel.wait_writable(self.sock)
 
+    def offer(self, data: bytes, fds: Sequence[int] = ()) -> bool:
+        """Send at once, keeping order (False if a send is queued or the socket is full)."""
+        if self.closed:
+            raise ChannelClosed("channel closed")
+        return not self._send_lock.locked() and self.try_send(data, fds)
+
+    async def wait_room(self) -> None:
+        """Wait until a send would not block (in turn with queued senders)."""
+        async with self._send_lock:
+            await trio.lowlevel.wait_writable(self.sock)
+
     def receive_nowait(self) -> tuple[bytes, list[int]]:
         """One packet and its fds. BlockingIOError when none; ChannelClosed on EOF."""
         try:

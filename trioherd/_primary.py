@@ -278,7 +278,14 @@ class Herd:
                     new_slots.append(slot)
                 index += 1
             log.info("scaling up to %d workers", count)
-            workers = [self._spawn(slot) for slot in new_slots]
+            workers = []
+            for slot in new_slots:
+                try:
+                    workers.append(self._spawn(slot))
+                except OSError as exc:  # out of fds or memory: the slot retries later
+                    log.error("could not start a worker for slot %d: %s", slot.index, exc)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._respawn, slot, 1.0)
             for worker in workers:
                 await _first(worker.ready_event, worker.exited_event)
         elif count < len(active):
@@ -438,6 +445,8 @@ class Herd:
             worker.closed += message["n"]
             self._signal_capacity()
         elif kind == "beat":
+            if not _valid_stats(message["stats"]):
+                raise IPCProtocolError(f"malformed counters {message['stats']!r}"[:200])
             worker.stats = message["stats"]
             self._check_recycle(worker)
         elif kind == "msg":
@@ -522,14 +531,14 @@ class Herd:
     def _on_exit(self, worker: Worker) -> None:
         code = worker.process.returncode
         if code is not None and code < 0:
-            worker.exit_signal = signal.Signals(-code).name
+            worker.exit_signal = signal_name(-code)
         else:
             worker.exit_code = code
         worker.state = "exited"
         self._dispatcher.remove(worker)
         if worker in self._workers:
             self._workers.remove(worker)
-        for key in ("requests", "bytes_in", "bytes_out"):
+        for key in ("requests", "bytes_in", "bytes_out"):  # checked when the beat came
             self._exited_totals[key] += int(worker.stats.get(key, 0))
         for key, count in dict(worker.stats.get("status", {})).items():
             self._exited_status[key] = self._exited_status.get(key, 0) + int(count)
@@ -619,7 +628,14 @@ class Herd:
         await trio.sleep(delay)
         slot.backoff_until = None
         if slot.active and not self._stopping and slot.worker is None:
-            self._spawn(slot)
+            try:
+                self._spawn(slot)
+            except OSError as exc:  # out of fds or memory: try again later
+                slot.failures += 1
+                delay = max(0.5, backoff_delay(slot.failures, self.config.backoff_max))
+                log.error("could not start a worker for slot %d: %s", slot.index, exc)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._respawn, slot, delay)
 
     def _count_respawn(self, cause: str) -> None:
         self.respawns[cause] = self.respawns.get(cause, 0) + 1
@@ -627,15 +643,25 @@ class Herd:
     # -- replacement: reload, recycling -----------------------------------------------
 
     async def _replace(self, slot: Slot, reason: str) -> None:
-        new = self._spawn(slot, replacing=True)
-        with trio.move_on_after(self.config.boot_timeout):
+        try:
+            new = self._spawn(slot, replacing=True)
+        except OSError as exc:
+            log.error("%s of slot %d failed: cannot start a worker: %s", reason, slot.index, exc)
+            raise ReloadError(f"cannot start a worker: {exc}") from None
+        with trio.move_on_after(self.config.boot_timeout) as waited:
             await _first(new.ready_event, new.exited_event)
+        if self._stopping or not slot.active:
+            # a stop or a scale-down came meanwhile: the replacement is not wanted
+            if new.state != "exited":
+                await self._disconnect(new, reason)
+            return
         if new.state != "ready":
-            text = new.boot_error or f"replacement worker {new.describe_exit()}"
             if new.exited_event.is_set():
                 text = new.boot_error or f"replacement worker exited: {new.describe_exit()}"
             else:
-                _kill(new, signal.SIGKILL)
+                if waited.cancelled_caught:
+                    new.killed_for = "not ready in time"
+                    _kill(new, signal.SIGKILL)
                 text = f"replacement worker {new.id} was not ready in time"
             log.error(
                 "%s of slot %d failed; old workers keep serving:\n%s", reason, slot.index, text
@@ -691,18 +717,20 @@ class Herd:
         if worker.state == "exited":
             return
         worker.requested_disconnect = True  # even if it was already draining on its own
-        if worker.state != "disconnecting":
+        tell = worker.state != "disconnecting"
+        if tell:
             worker.state = "disconnecting"
             worker.requested_disconnect = True
             self._dispatcher.remove(worker)
             self._publish(HerdEvent("disconnect", worker.id, worker.pid, worker.slot.index))
             log.debug("disconnecting worker %d (pid %d): %s", worker.id, worker.pid, reason)
-            grace = self.config.graceful_timeout
-            try:
-                await worker.channel.send(_ipc.encode("disconnect", grace=grace))
-            except (_ipc.ChannelClosed, OSError):
-                pass
         with trio.move_on_after(self.config.graceful_timeout + KILL_MARGIN):
+            # the send is inside the deadline: a worker too hung to read it is escalated
+            # like one that does not finish
+            if tell:
+                with contextlib.suppress(_ipc.ChannelClosed, OSError):
+                    grace = self.config.graceful_timeout
+                    await worker.channel.send(_ipc.encode("disconnect", grace=grace))
             await worker.exited_event.wait()
             return
         log.warning("worker %d (pid %d) did not exit in time; SIGTERM", worker.id, worker.pid)
@@ -786,19 +814,44 @@ class Herd:
             await self._dispatch_fds(overflow, index)
 
     async def _send_fds(self, worker: Worker, fds: list[int], index: int, message: bytes) -> None:
-        """Hand ``fds`` to ``worker`` (or, if that fails, to another) and close our copies."""
+        """Hand ``fds`` to ``worker`` (or, if it cannot take them, to another) and close
+        our copies. Never waits on one worker: a worker that stopped reading its channel
+        (hung, or far behind) must not stop the accept loop for all the others."""
+        if self._offer(worker, message, fds):
+            _ipc.close_fds(fds)
+            return
+        worker.dispatched -= len(fds)
+        await self._dispatch_fds(fds, index)
+
+    def _offer(self, worker: Worker, message: bytes, fds: list[int]) -> bool:
+        """Pass fds at once if the worker's channel has room; else take the worker out of
+        dispatch until it reads again (or for good if its channel is broken)."""
         try:
-            await worker.channel.send(message, fds)
+            if worker.channel.offer(message, fds):
+                return True
         except (_ipc.ChannelClosed, OSError) as exc:
             log.warning("could not pass %d connections to worker %d: %s", len(fds), worker.id, exc)
-            worker.dispatched -= len(fds)
             self._dispatcher.remove(worker)
-            await self._dispatch_fds(fds, index)
-            return
-        except BaseException:  # cancelled before the send: nobody else has them
-            _ipc.close_fds(fds)
-            raise
-        _ipc.close_fds(fds)
+            return False
+        if worker in self._dispatcher:
+            log.warning(
+                "worker %d (pid %d) is not reading its channel; skipping it until it does",
+                worker.id,
+                worker.pid,
+            )
+            self._dispatcher.remove(worker)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._readmit, worker)
+        return False
+
+    async def _readmit(self, worker: Worker) -> None:
+        """Give a congested worker connections again once its channel has room."""
+        with contextlib.suppress(_ipc.ChannelClosed, OSError, trio.ClosedResourceError):
+            await worker.channel.wait_room()
+        if worker.state == "ready" and worker.slot.active and not self._stopping:
+            log.info("worker %d (pid %d) reads its channel again", worker.id, worker.pid)
+            self._dispatcher.add(worker)
+            self._signal_capacity()
 
     async def _dispatch_fds(self, fds: list[int], index: int) -> None:
         """Give fds that could not be delivered (or were refused) to another worker."""
@@ -812,13 +865,9 @@ class Herd:
                     await self._capacity.wait()
                     continue
                 worker.dispatched += len(fds)
-                try:
-                    await worker.channel.send(message, fds)
-                except (_ipc.ChannelClosed, OSError):
-                    worker.dispatched -= len(fds)
-                    self._dispatcher.remove(worker)
-                    continue
-                break
+                if self._offer(worker, message, fds):
+                    break
+                worker.dispatched -= len(fds)
         finally:
             _ipc.close_fds(fds)  # handed over (the worker has its own copies) or given up
 
@@ -943,6 +992,26 @@ async def _first(*events: trio.Event) -> None:
             nursery.start_soon(wait)
 
 
+def signal_name(number: int) -> str:
+    """SIGKILL, SIGTERM, ... or 'signal 40' for one Python has no name for (realtime)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _valid_stats(stats: dict[str, Any]) -> bool:
+    """A worker's counters: whole numbers, and a status map of whole numbers."""
+    for key in ("requests", "bytes_in", "bytes_out", "open", "refused"):
+        value = stats.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+    status = stats.get("status", {})
+    return isinstance(status, dict) and all(
+        isinstance(n, int) and not isinstance(n, bool) for n in status.values()
+    )
+
+
 def _kill(worker: Worker, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         if worker.process.poll() is None:
@@ -959,6 +1028,10 @@ async def _wait_process(process: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         process.wait()
         await trio.lowlevel.checkpoint()
+        return
+    except OSError:  # out of fds: poll instead
+        while process.poll() is None:
+            await trio.sleep(0.1)
         return
     try:
         await trio.lowlevel.wait_readable(pidfd)
