@@ -180,7 +180,6 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")  # h11's rules
 # where h11 is done with a request: DONE, or a protocol switch offered that we decline
 _REQUEST_DONE = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)  # type: ignore[attr-defined]
-_FRAMING = (b"content-length", b"transfer-encoding")
 
 
 class InvalidResponse(Exception):

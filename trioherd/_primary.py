@@ -642,7 +642,10 @@ class Herd:
 
     # -- replacement: reload, recycling -----------------------------------------------
 
-    async def _replace(self, slot: Slot, reason: str) -> None:
+    async def _replace(self, slot: Slot, reason: str) -> bool:
+        """Start a worker for ``slot``, wait until it is ready, then disconnect the old one.
+        True if the replacement took over; False if a stop or scale-down made it moot.
+        Raises ReloadError if it could not start or become ready."""
         try:
             new = self._spawn(slot, replacing=True)
         except OSError as exc:
@@ -654,7 +657,7 @@ class Herd:
             # a stop or a scale-down came meanwhile: the replacement is not wanted
             if new.state != "exited":
                 await self._disconnect(new, reason)
-            return
+            return False
         if new.state != "ready":
             if new.exited_event.is_set():
                 text = new.boot_error or f"replacement worker exited: {new.describe_exit()}"
@@ -672,6 +675,7 @@ class Herd:
         slot.failures = 0
         if previous is not None and previous.state != "exited":
             await self._disconnect(previous, reason)
+        return True
 
     def _check_recycle(self, worker: Worker) -> None:
         if worker.state != "ready" or worker.recycling or self._stopping:
@@ -702,8 +706,8 @@ class Herd:
                 return
             log.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
             try:
-                await self._replace(worker.slot, reason)
-                self._count_respawn(reason)
+                if await self._replace(worker.slot, reason):
+                    self._count_respawn(reason)
             except ReloadError:
                 if reason == "protocol error":
                     _kill(worker, signal.SIGKILL)
