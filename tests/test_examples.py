@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, CLIHerd, unique_name, wait_until
+from helpers import ROOT, CLIHerd, unique_name, wait_until
 
 EXAMPLES = ROOT / "examples"
 

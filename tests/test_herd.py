@@ -16,7 +16,7 @@ import pytest
 import trio
 
 import trioherd
-from conftest import (
+from helpers import (
     address_of,
     connect,
     open_fds,
@@ -478,7 +478,9 @@ async def test_a_hung_worker_neither_stops_accepting_nor_holds_a_stop() -> None:
         try:
             async with httpx.AsyncClient(base_url=herd.addresses[0], timeout=30) as client:
                 with trio.fail_after(60):
-                    while hung in herd._dispatcher:  # until its channel is full: skipped
+                    while herd.handoff.is_dispatching_to(
+                        hung
+                    ):  # until its channel is full: skipped
                         idle.append(await trio.open_tcp_stream(host, port))
                         assert len(idle) < 3000
                         await trio.sleep(0.002)

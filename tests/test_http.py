@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import CLIHerd, address_of, open_herd, receive_all, receive_until
+from helpers import CLIHerd, address_of, open_herd, receive_all, receive_until
 
 CURL = ["curl", "--silent", "--show-error", "--max-time", "30"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CLIHerd
+from helpers import CLIHerd
 
 TOKENS = st.sampled_from(
     [b"GET", b"POST", b"HEAD", b"PUT", b"G\x00T", b"", b"get", b"CONNECT", b"OPTIONS"]

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import trio
 
-from conftest import CLIHerd, open_herd, wait_until
+from helpers import CLIHerd, open_herd, wait_until
 
 VERSION_APP = """
 import os

@@ -26,7 +26,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 import trioherd
-from conftest import (
+from helpers import (
     ROOT,
     address_of,
     open_herd,

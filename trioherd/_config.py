@@ -1,4 +1,10 @@
-"""Configuration: one table of options drives the Config class, the CLI, TOML and env vars.
+"""Configuration: the Config class is the one table of options; the CLI, TOML and env vars
+are derived from it.
+
+Each user-facing option is a field of :class:`Config` whose metadata (:func:`_option`)
+carries its kind, help text, choices and minimum. :data:`OPTIONS` is read from those
+fields, so a default is written once, in the field. Fields without that metadata (``app``,
+``ssl_context_factory``, ``control``, ``handle_signals``, ``listen_fds``) are library-only.
 
 Precedence is CLI > environment (``TRIOHERD_<OPTION>``) > TOML file (``--config``) > default.
 Every value is validated here, once, so the primary and the workers can trust a Config.
@@ -22,6 +28,8 @@ CLIENT_CERT_MODES = ("none", "optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_BIND = "127.0.0.1:8000"
+KINDS = ("int", "float", "str", "bool", "list", "intlist", "choice")
+_OPTION_KEY = "trioherd.option"
 
 
 def available_cpus() -> int:
@@ -32,170 +40,22 @@ def available_cpus() -> int:
 
 
 @attrs.frozen
-class Option:
-    """One user-facing setting: its Config field, type, default and help text."""
+class _OptionInfo:
+    """What a Config field needs to be a user-facing option (kept in its metadata)."""
 
-    name: str
-    kind: str  # int, float, str, bool, list, intlist, choice
-    default: Any
+    kind: str  # one of KINDS
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
-    cli_only: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "bind",
-        "list",
-        (),
-        f"TCP address HOST:PORT to listen on (repeatable; default "
-        f"{DEFAULT_BIND} when no other listener is given; port 0 picks a free port)",
-    ),
-    Option("uds", "list", (), "Unix socket path to listen on (repeatable)"),
-    Option(
-        "fd",
-        "intlist",
-        (),
-        "inherited listening socket fd (repeatable; systemd "
-        "LISTEN_FDS is picked up automatically)",
-    ),
-    Option(
-        "workers", "int", None, "number of worker processes (default: CPUs available)", minimum=1
-    ),
-    Option(
-        "dispatch",
-        "choice",
-        "round-robin",
-        "how connections reach workers",
-        choices=DISPATCH_POLICIES,
-    ),
-    Option(
-        "interface",
-        "choice",
-        "auto",
-        "app interface (auto-detected by default)",
-        choices=INTERFACES,
-    ),
-    Option("name", "str", "default", "herd name: names the control socket"),
-    Option(
-        "graceful_timeout",
-        "float",
-        30.0,
-        "seconds a disconnecting worker has to finish "
-        "in-flight work before what is left is cancelled",
-        minimum=0,
-    ),
-    Option(
-        "worker_timeout",
-        "float",
-        30.0,
-        "seconds without a heartbeat from a worker's event loop before it is killed and replaced",
-        minimum=0.1,
-    ),
-    Option(
-        "boot_timeout",
-        "float",
-        60.0,
-        "seconds a new worker has to import the app and report ready",
-        minimum=0.1,
-    ),
-    Option(
-        "max_boot_failures",
-        "int",
-        3,
-        "consecutive worker deaths before ready that make the herd give up (exit 3)",
-        minimum=1,
-    ),
-    Option(
-        "min_uptime",
-        "float",
-        10.0,
-        "a worker that lived this long resets its slot's respawn back-off",
-        minimum=0,
-    ),
-    Option(
-        "backoff_max",
-        "float",
-        15.0,
-        "cap in seconds of the exponential respawn back-off",
-        minimum=0,
-    ),
-    Option(
-        "keep_alive_timeout",
-        "float",
-        5.0,
-        "seconds an idle keep-alive connection is kept",
-        minimum=0,
-    ),
-    Option(
-        "header_timeout",
-        "float",
-        10.0,
-        "seconds to receive a whole request head once its "
-        "first byte arrived (slowloris bound: 408, then close)",
-        minimum=0.01,
-    ),
-    Option("max_header_size", "int", 16384, "bytes of request line + headers (431)", minimum=64),
-    Option("max_header_count", "int", 100, "number of request headers (431)", minimum=1),
-    Option("max_body_size", "int", 16 * 1024 * 1024, "bytes of request body (413)", minimum=0),
-    Option(
-        "max_requests_per_connection",
-        "int",
-        1000,
-        "requests served on one keep-alive connection before it is closed (0 = no limit)",
-        minimum=0,
-    ),
-    Option(
-        "max_requests",
-        "int",
-        0,
-        "requests a worker serves before it is replaced (0 = never)",
-        minimum=0,
-    ),
-    Option(
-        "max_requests_jitter", "int", 0, "random 0..N added to max-requests per worker", minimum=0
-    ),
-    Option(
-        "max_memory", "int", 0, "RSS in MiB past which a worker is replaced (0 = never)", minimum=0
-    ),
-    Option(
-        "max_connections",
-        "int",
-        1000,
-        "open connections per worker; a full worker gets no new ones",
-        minimum=1,
-    ),
-    Option("certfile", "str", None, "TLS certificate chain (PEM); enables HTTPS"),
-    Option("keyfile", "str", None, "TLS private key (PEM)"),
-    Option("keyfile_password", "str", None, "password of the TLS private key"),
-    Option("ca_certs", "str", None, "CA bundle to verify client certificates with"),
-    Option(
-        "client_cert",
-        "choice",
-        "none",
-        "client certificate verification",
-        choices=CLIENT_CERT_MODES,
-    ),
-    Option("tls_handshake_timeout", "float", 10.0, "seconds for a TLS handshake", minimum=0.01),
-    Option(
-        "tls_min_version", "choice", "1.2", "lowest TLS version accepted", choices=TLS_VERSIONS
-    ),
-    Option(
-        "metrics_bind",
-        "str",
-        None,
-        "HOST:PORT serving Prometheus metrics for the whole herd (off by default)",
-    ),
-    Option("log_level", "choice", "info", "log level", choices=LOG_LEVELS),
-    Option("access_log", "bool", False, "log one line per request"),
-)
-
-OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+def _option(
+    kind: str, help: str, *, choices: tuple[str, ...] = (), minimum: float | None = None
+) -> dict[str, _OptionInfo]:
+    """Field metadata that makes a Config field a CLI flag, env var and TOML key."""
+    assert kind in KINDS, kind
+    assert (kind == "choice") == bool(choices), kind
+    return {_OPTION_KEY: _OptionInfo(kind, help, choices, minimum)}
 
 
 def _app_string(value: Any) -> str | None:
@@ -219,40 +79,180 @@ class Config:
     """
 
     app: str | None = attrs.field(default=None, converter=_app_string)
-    bind: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
-    uds: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
-    fd: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_int)
-    workers: int = attrs.field(factory=available_cpus)
-    dispatch: str = "round-robin"
-    interface: str = "auto"
-    name: str = "default"
-    graceful_timeout: float = 30.0
-    worker_timeout: float = 30.0
-    boot_timeout: float = 60.0
-    max_boot_failures: int = 3
-    min_uptime: float = 10.0
-    backoff_max: float = 15.0
-    keep_alive_timeout: float = 5.0
-    header_timeout: float = 10.0
-    max_header_size: int = 16384
-    max_header_count: int = 100
-    max_body_size: int = 16 * 1024 * 1024
-    max_requests_per_connection: int = 1000
-    max_requests: int = 0
-    max_requests_jitter: int = 0
-    max_memory: int = 0
-    max_connections: int = 1000
-    certfile: str | None = None
-    keyfile: str | None = None
-    keyfile_password: str | None = None
-    ca_certs: str | None = None
-    client_cert: str = "none"
-    tls_handshake_timeout: float = 10.0
-    tls_min_version: str = "1.2"
+    bind: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_tuple_of_str,
+        metadata=_option(
+            "list",
+            f"TCP address HOST:PORT to listen on (repeatable; default "
+            f"{DEFAULT_BIND} when no other listener is given; port 0 picks a free port)",
+        ),
+    )
+    uds: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_tuple_of_str,
+        metadata=_option("list", "Unix socket path to listen on (repeatable)"),
+    )
+    fd: tuple[int, ...] = attrs.field(
+        default=(),
+        converter=_tuple_of_int,
+        metadata=_option(
+            "intlist",
+            "inherited listening socket fd (repeatable; systemd "
+            "LISTEN_FDS is picked up automatically)",
+        ),
+    )
+    workers: int = attrs.field(
+        factory=available_cpus,
+        metadata=_option("int", "number of worker processes (default: CPUs available)", minimum=1),
+    )
+    dispatch: str = attrs.field(
+        default="round-robin",
+        metadata=_option("choice", "how connections reach workers", choices=DISPATCH_POLICIES),
+    )
+    interface: str = attrs.field(
+        default="auto",
+        metadata=_option("choice", "app interface (auto-detected by default)", choices=INTERFACES),
+    )
+    name: str = attrs.field(
+        default="default", metadata=_option("str", "herd name: names the control socket")
+    )
+    graceful_timeout: float = attrs.field(
+        default=30.0,
+        metadata=_option(
+            "float",
+            "seconds a disconnecting worker has to finish "
+            "in-flight work before what is left is cancelled",
+            minimum=0,
+        ),
+    )
+    worker_timeout: float = attrs.field(
+        default=30.0,
+        metadata=_option(
+            "float",
+            "seconds without a heartbeat from a worker's event loop before it is killed "
+            "and replaced",
+            minimum=0.1,
+        ),
+    )
+    boot_timeout: float = attrs.field(
+        default=60.0,
+        metadata=_option(
+            "float",
+            "seconds a new worker has to import the app and report ready",
+            minimum=0.1,
+        ),
+    )
+    max_boot_failures: int = attrs.field(
+        default=3,
+        metadata=_option(
+            "int",
+            "consecutive worker deaths before ready that make the herd give up (exit 3)",
+            minimum=1,
+        ),
+    )
+    min_uptime: float = attrs.field(
+        default=10.0,
+        metadata=_option(
+            "float",
+            "a worker that lived this long resets its slot's respawn back-off",
+            minimum=0,
+        ),
+    )
+    backoff_max: float = attrs.field(
+        default=15.0,
+        metadata=_option("float", "cap in seconds of the exponential respawn back-off", minimum=0),
+    )
+    keep_alive_timeout: float = attrs.field(
+        default=5.0,
+        metadata=_option("float", "seconds an idle keep-alive connection is kept", minimum=0),
+    )
+    header_timeout: float = attrs.field(
+        default=10.0,
+        metadata=_option(
+            "float",
+            "seconds to receive a whole request head once its "
+            "first byte arrived (slowloris bound: 408, then close)",
+            minimum=0.01,
+        ),
+    )
+    max_header_size: int = attrs.field(
+        default=16384,
+        metadata=_option("int", "bytes of request line + headers (431)", minimum=64),
+    )
+    max_header_count: int = attrs.field(
+        default=100, metadata=_option("int", "number of request headers (431)", minimum=1)
+    )
+    max_body_size: int = attrs.field(
+        default=16 * 1024 * 1024,
+        metadata=_option("int", "bytes of request body (413)", minimum=0),
+    )
+    max_requests_per_connection: int = attrs.field(
+        default=1000,
+        metadata=_option(
+            "int",
+            "requests served on one keep-alive connection before it is closed (0 = no limit)",
+            minimum=0,
+        ),
+    )
+    max_requests: int = attrs.field(
+        default=0,
+        metadata=_option(
+            "int", "requests a worker serves before it is replaced (0 = never)", minimum=0
+        ),
+    )
+    max_requests_jitter: int = attrs.field(
+        default=0,
+        metadata=_option("int", "random 0..N added to max-requests per worker", minimum=0),
+    )
+    max_memory: int = attrs.field(
+        default=0,
+        metadata=_option(
+            "int", "RSS in MiB past which a worker is replaced (0 = never)", minimum=0
+        ),
+    )
+    max_connections: int = attrs.field(
+        default=1000,
+        metadata=_option(
+            "int", "open connections per worker; a full worker gets no new ones", minimum=1
+        ),
+    )
+    certfile: str | None = attrs.field(
+        default=None, metadata=_option("str", "TLS certificate chain (PEM); enables HTTPS")
+    )
+    keyfile: str | None = attrs.field(
+        default=None, metadata=_option("str", "TLS private key (PEM)")
+    )
+    keyfile_password: str | None = attrs.field(
+        default=None, metadata=_option("str", "password of the TLS private key")
+    )
+    ca_certs: str | None = attrs.field(
+        default=None, metadata=_option("str", "CA bundle to verify client certificates with")
+    )
+    client_cert: str = attrs.field(
+        default="none",
+        metadata=_option("choice", "client certificate verification", choices=CLIENT_CERT_MODES),
+    )
+    tls_handshake_timeout: float = attrs.field(
+        default=10.0, metadata=_option("float", "seconds for a TLS handshake", minimum=0.01)
+    )
+    tls_min_version: str = attrs.field(
+        default="1.2",
+        metadata=_option("choice", "lowest TLS version accepted", choices=TLS_VERSIONS),
+    )
     ssl_context_factory: str | None = None
-    metrics_bind: str | None = None
-    log_level: str = "info"
-    access_log: bool = False
+    metrics_bind: str | None = attrs.field(
+        default=None,
+        metadata=_option(
+            "str", "HOST:PORT serving Prometheus metrics for the whole herd (off by default)"
+        ),
+    )
+    log_level: str = attrs.field(
+        default="info", metadata=_option("choice", "log level", choices=LOG_LEVELS)
+    )
+    access_log: bool = attrs.field(
+        default=False, metadata=_option("bool", "log one line per request")
+    )
     control: bool = True
     handle_signals: bool = False
     listen_fds: bool = True
@@ -283,6 +283,47 @@ class Config:
     def from_wire(cls, data: Mapping[str, Any]) -> Config:
         fields = {f.name for f in attrs.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+@attrs.frozen
+class Option:
+    """One user-facing setting, read from a Config field: name, type, help, default."""
+
+    name: str
+    kind: str  # one of KINDS
+    help: str
+    choices: tuple[str, ...]
+    minimum: float | None
+    field: attrs.Attribute[Any] = attrs.field(repr=False, eq=False)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "TRIOHERD_" + self.name.upper()
+
+    @property
+    def default(self) -> Any:
+        """The value ``Config()`` gives this option (a factory's result, e.g. workers)."""
+        factory = getattr(self.field.default, "factory", None)
+        return factory() if callable(factory) else self.field.default
+
+
+def _options() -> tuple[Option, ...]:
+    options = []
+    for field in attrs.fields(Config):
+        info = field.metadata.get(_OPTION_KEY)
+        if isinstance(info, _OptionInfo):
+            options.append(
+                Option(field.name, info.kind, info.help, info.choices, info.minimum, field)
+            )
+    return tuple(options)
+
+
+OPTIONS: tuple[Option, ...] = _options()
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
 
 def _validate(option: Option, value: Any) -> None:
@@ -358,9 +399,8 @@ def convert(option: Option, raw: Any) -> Any:
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for option in OPTIONS:
-        key = "TRIOHERD_" + option.name.upper()
-        if key in environ:
-            values[option.name] = convert(option, environ[key])
+        if option.env in environ:
+            values[option.name] = convert(option, environ[option.env])
     if "TRIOHERD_APP" in environ:
         values["app"] = environ["TRIOHERD_APP"]
     return values

@@ -11,6 +11,11 @@ anything else, so a peer sending garbage is a logged, recycled worker, never a c
 :class:`Channel` moves packets with raw non-blocking ``sendmsg``/``recvmsg`` calls and
 trio's ``wait_readable``/``wait_writable``: no trio socket object per fd, no task per
 message. Up to :data:`MAX_FDS` fds travel in one packet.
+
+The heartbeat's counters (the ``stats`` of a ``beat``) have one shape, defined here:
+:data:`COUNTERS` and :data:`STATUS` add up across workers into the herd's totals
+(:func:`total_stats`), :data:`WORKER_COUNTS` are per worker only. :func:`decode` checks a
+beat's stats with :func:`check_stats`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import array
 import errno
 import json
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -50,6 +55,47 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "draining": {},
 }
 
+# The shape of a heartbeat's ``stats``. Every key is optional (a missing one counts as 0).
+COUNTERS = ("requests", "bytes_in", "bytes_out")  # cumulative; summed into the herd's totals
+WORKER_COUNTS = ("open", "refused")  # per worker: open connections now, fds handed back
+STATUS = "status"  # {"2xx": n, ...}: requests by status class; summed into the totals
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_stats(stats: Any) -> None:
+    """Raise IPCProtocolError unless ``stats`` is a heartbeat's counters: a dict whose
+    :data:`COUNTERS` and :data:`WORKER_COUNTS` are whole numbers (not bools) and whose
+    :data:`STATUS` maps str to whole numbers. Keys may be missing; other keys are ignored."""
+    if isinstance(stats, dict):
+        status = stats.get(STATUS, {})
+        if (
+            all(_whole(stats.get(key, 0)) for key in COUNTERS + WORKER_COUNTS)
+            and isinstance(status, dict)
+            and all(isinstance(key, str) and _whole(n) for key, n in status.items())
+        ):
+            return
+    raise IPCProtocolError(f"malformed counters {stats!r}"[:200])
+
+
+def total_stats(many: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The sum of checked stats (or of earlier totals): :data:`COUNTERS` and :data:`STATUS`.
+
+    The result has every counter (0 if none was reported) and a ``status`` dict of its own.
+    """
+    totals: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
+    status: dict[str, int] = {}
+    for stats in many:
+        for key in COUNTERS:
+            totals[key] += stats.get(key, 0)
+        for key, count in stats.get(STATUS, {}).items():
+            status[key] = status.get(key, 0) + count
+    totals[STATUS] = status
+    return totals
+
 
 def encode(kind: str, **fields: Any) -> bytes:
     fields["t"] = kind
@@ -74,6 +120,8 @@ def decode(packet: bytes) -> dict[str, Any]:
         value = message[field]
         if wanted is not object and (isinstance(value, bool) or not isinstance(value, wanted)):
             raise IPCProtocolError(f"{kind!r} message has a bad {field!r}: {value!r}")
+    if kind == "beat":
+        check_stats(message["stats"])
     return message
 
 
@@ -100,9 +148,6 @@ class Channel:
         self.sock = sock
         self._send_lock = trio.Lock()
         self.closed = False
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def try_send(self, data: bytes, fds: Sequence[int] = ()) -> bool:
         """Send at once if the socket has room; False if it would block."""

@@ -1,12 +1,24 @@
-"""Options: validation, precedence CLI > env > file > default, TOML."""
+"""Options: validation, precedence CLI > env > file > default, TOML, and one table of
+defaults that the CLI, the environment, TOML and Config all agree on."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import attrs
 import pytest
 
-from trioherd._config import Config, build_config, import_string_of, parse_host_port
+from trioherd import _cli
+from trioherd._config import (
+    KINDS,
+    OPTIONS,
+    Config,
+    Option,
+    build_config,
+    import_string_of,
+    parse_host_port,
+)
 from trioherd._errors import ConfigError
 
 
@@ -97,3 +109,154 @@ def test_import_string_of_a_callable() -> None:
 def test_wire_round_trip() -> None:
     config = Config(workers=3, bind=["127.0.0.1:0"], access_log=True)
     assert Config.from_wire(config.to_wire()) == config
+
+
+# -- one table: CLI, environment, TOML and Config agree on every option ----------------
+
+# a value of each kind that is not the default: (as typed on the command line, in TOML)
+SAMPLES: dict[str, tuple[list[str], object]] = {
+    "int": (["7"], 7),
+    "float": (["2.5"], 2.5),
+    "str": (["somewhere"], "somewhere"),
+    "bool": ([], True),  # --access-log, TRIOHERD_ACCESS_LOG=true, access-log = true
+    "list": (["a", "b"], ["a", "b"]),
+    "intlist": (["5", "6"], [5, 6]),
+}
+# values an option needs to be valid, and options it needs set too (given as Config fixed)
+SPECIAL: dict[str, tuple[list[str], object]] = {
+    "bind": (["127.0.0.1:1", "[::1]:2"], ["127.0.0.1:1", "[::1]:2"]),
+    "metrics_bind": (["127.0.0.1:9100"], "127.0.0.1:9100"),
+    "max_header_size": (["1024"], 1024),
+}
+NEEDS = {"keyfile": {"certfile": "c.pem"}, "client_cert": {"ca_certs": "ca.pem"}}
+
+
+def sample(option: Option) -> tuple[list[str], object]:
+    """Text(s) for the CLI and env, and the TOML value, of a non-default value."""
+    if option.name in SPECIAL:
+        return SPECIAL[option.name]
+    if option.kind == "choice":
+        choice = option.choices[-1]
+        return [choice], choice
+    return SAMPLES[option.kind]
+
+
+def cli_config(monkeypatch: pytest.MonkeyPatch, *argv: str) -> Config:
+    """The Config ``trioherd serve ARGV`` would run, through the real parser."""
+    seen: list[Config] = []
+    monkeypatch.setattr(_cli, "run_config", lambda config: seen.append(config) or 0)
+    assert _cli.run_cli(["serve", *argv]) == 0
+    (config,) = seen
+    return config
+
+
+def option_values(config: Config) -> dict[str, object]:
+    return {option.name: getattr(config, option.name) for option in OPTIONS}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("TRIOHERD_") and key != "TRIOHERD_TEST_MARKER":
+            monkeypatch.delenv(key)
+
+
+def test_options_are_the_fields_with_option_metadata() -> None:
+    fields = [field.name for field in attrs.fields(Config)]
+    names = [option.name for option in OPTIONS]
+    assert names == [name for name in fields if name in names]  # in the order of Config
+    assert len(names) == len(set(names)) == 33
+    assert set(fields) - set(names) == {
+        "app",
+        "ssl_context_factory",
+        "control",
+        "handle_signals",
+        "listen_fds",
+    }
+    assert all(option.help for option in OPTIONS)
+    assert {option.kind for option in OPTIONS} <= set(KINDS)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_every_default_is_the_same_through_every_route(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    table = tmp_path / "table.toml"
+    table.write_text("[trioherd]\n")
+    defaults = option_values(Config())
+    assert defaults == {option.name: option.default for option in OPTIONS}
+    assert option_values(cli_config(monkeypatch)) == defaults
+    assert option_values(build_config({}, {}, None)) == defaults
+    assert option_values(build_config({}, {}, str(empty))) == defaults
+    assert option_values(build_config({}, {}, str(table))) == defaults
+    assert cli_config(monkeypatch, "--config", str(empty)) == cli_config(monkeypatch)
+    assert Config.from_wire(Config().to_wire()) == Config()
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_a_value_is_the_same_through_every_route(
+    option: Option, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts, toml_value = sample(option)
+    needs = NEEDS.get(option.name, {})
+    direct = getattr(Config(**{option.name: toml_value}, **needs), option.name)
+    assert direct != option.default
+
+    flags = [f"{option.flag}={text}" for text in texts] or [option.flag]
+    need_flags = [f"--{name.replace('_', '-')}={value}" for name, value in needs.items()]
+    from_cli = getattr(cli_config(monkeypatch, *flags, *need_flags), option.name)
+
+    env = {option.env: ",".join(texts) or "true"}
+    env.update({f"TRIOHERD_{name.upper()}": value for name, value in needs.items()})
+    from_env = getattr(build_config({}, env, None), option.name)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from_cli_env = getattr(cli_config(monkeypatch), option.name)
+    for key in env:
+        monkeypatch.delenv(key)
+
+    toml = tmp_path / "herd.toml"
+    lines = [f"{option.name.replace('_', '-')} = {toml_literal(toml_value)}"]
+    lines += [f'{name} = "{value}"' for name, value in needs.items()]
+    toml.write_text("\n".join(lines) + "\n")
+    from_toml = getattr(build_config({}, {}, str(toml)), option.name)
+    from_cli_toml = getattr(cli_config(monkeypatch, "--config", str(toml)), option.name)
+
+    assert from_cli == from_env == from_cli_env == from_toml == from_cli_toml == direct
+
+
+def toml_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(item) for item in value) + "]"
+    return repr(value)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_cli_beats_env_beats_file_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "herd.toml"
+    toml.write_text("max-requests = 1\nmax-memory = 1\nmax-connections = 1\n")
+    monkeypatch.setenv("TRIOHERD_MAX_REQUESTS", "2")
+    monkeypatch.setenv("TRIOHERD_MAX_MEMORY", "2")
+    config = cli_config(monkeypatch, "--config", str(toml), "--max-requests", "3")
+    assert (config.max_requests, config.max_memory, config.max_connections) == (3, 2, 1)
+    assert config.handle_signals  # what `trioherd serve` adds
+
+
+def test_a_bad_cli_value_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRIOHERD_WORKERS", "0")
+    assert _cli.run_cli(["serve"]) == _cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("trioherd: error: --workers")
+    with pytest.raises(SystemExit) as info:
+        _cli.run_cli(["serve", "--workers", "many"])
+    assert info.value.code == 2

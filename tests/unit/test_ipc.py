@@ -49,6 +49,9 @@ def test_round_trip_of_every_message_type() -> None:
         b'{"t": "closed", "n": true}',
         b'{"t": "disconnect", "grace": "soon"}',
         b'{"t": "beat", "stats": [1]}',
+        b'{"t": "beat", "stats": {"requests": "5"}}',
+        b'{"t": "beat", "stats": {"open": true}}',
+        b'{"t": "beat", "stats": {"status": {"2xx": 1.5}}}',
     ],
 )
 def test_malformed_packets_are_protocol_errors(packet: bytes) -> None:
@@ -73,6 +76,81 @@ def test_decode_of_random_objects(obj: dict[str, object]) -> None:
         _ipc.decode(json.dumps(obj).encode())
     except IPCProtocolError:
         pass
+
+
+def full_stats() -> dict[str, object]:
+    stats: dict[str, object] = {key: 3 for key in _ipc.COUNTERS + _ipc.WORKER_COUNTS}
+    stats[_ipc.STATUS] = {"2xx": 2, "5xx": 1}
+    return stats
+
+
+def test_the_stats_shape_is_what_a_worker_sends() -> None:
+    assert _ipc.COUNTERS == ("requests", "bytes_in", "bytes_out")
+    assert _ipc.WORKER_COUNTS == ("open", "refused")
+    assert _ipc.STATUS == "status"
+    assert _ipc.STATUS_CLASSES == ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        {},  # every key may be missing (a worker that has served nothing yet)
+        {"requests": 5},
+        full_stats(),
+        {**full_stats(), "status": {}},
+        {**full_stats(), "extra": "ignored", "requests": 10**30},
+    ],
+)
+def test_check_stats_accepts_whole_numbers(stats: dict[str, object]) -> None:
+    _ipc.check_stats(stats)
+    assert _ipc.decode(_ipc.encode("beat", stats=stats))["stats"] == stats
+
+
+@pytest.mark.parametrize("key", [*_ipc.COUNTERS, *_ipc.WORKER_COUNTS])
+@pytest.mark.parametrize("bad", [True, False, 1.0, "1", None, [1], {"n": 1}])
+def test_check_stats_rejects_a_counter_that_is_not_a_whole_number(key: str, bad: object) -> None:
+    stats = {**full_stats(), key: bad}
+    with pytest.raises(IPCProtocolError, match="malformed counters"):
+        _ipc.check_stats(stats)
+    with pytest.raises(IPCProtocolError, match="malformed counters"):
+        _ipc.decode(_ipc.encode("beat", stats=stats))
+
+
+@pytest.mark.parametrize(
+    "status",
+    [[1, 2], "2xx", 5, None, {"2xx": True}, {"2xx": 1.0}, {"2xx": "1"}, {"2xx": None}, {2: 1}],
+)
+def test_check_stats_rejects_a_bad_status_map(status: object) -> None:
+    with pytest.raises(IPCProtocolError, match="malformed counters"):
+        _ipc.check_stats({**full_stats(), "status": status})
+
+
+@pytest.mark.parametrize("stats", [None, [], "requests", 5, True])
+def test_check_stats_rejects_what_is_not_a_dict(stats: object) -> None:
+    with pytest.raises(IPCProtocolError, match="malformed counters"):
+        _ipc.check_stats(stats)
+
+
+def test_check_stats_error_is_short() -> None:
+    with pytest.raises(IPCProtocolError) as info:
+        _ipc.check_stats({"requests": "x" * 10_000})
+    assert len(str(info.value)) <= 200
+
+
+def test_total_stats_sums_counters_and_status_classes() -> None:
+    assert _ipc.total_stats([]) == {"requests": 0, "bytes_in": 0, "bytes_out": 0, "status": {}}
+    first = {"requests": 2, "bytes_in": 10, "open": 4, "refused": 1, "status": {"2xx": 2}}
+    second = {"requests": 3, "bytes_out": 7, "status": {"2xx": 1, "4xx": 2}}
+    totals = _ipc.total_stats([first, {}, second])
+    assert totals == {
+        "requests": 5,
+        "bytes_in": 10,
+        "bytes_out": 7,
+        "status": {"2xx": 3, "4xx": 2},
+    }
+    # totals have the shape of stats: they can be summed again (exited workers + live ones)
+    assert _ipc.total_stats([totals, second])["requests"] == 8
+    assert first["status"] == {"2xx": 2}  # the inputs are left alone
 
 
 def open_fd_count() -> int:
