@@ -16,6 +16,8 @@ from ._app import stream_handler as stream_handler
 from ._config import Config as Config
 from ._errors import ConfigError as ConfigError
 from ._errors import IPCProtocolError as IPCProtocolError
+from ._errors import ReloadError as ReloadError
+from ._errors import StoppedBeforeReady as StoppedBeforeReady
 from ._errors import TrioherdError as TrioherdError
 from ._errors import WorkerBootError as WorkerBootError
 from ._worker import WorkerInfo as WorkerInfo
@@ -25,23 +27,19 @@ from ._worker import send_to_primary as send_to_primary
 
 if TYPE_CHECKING:
     from ._cli import run as run
+    from ._events import HerdEvent as HerdEvent
     from ._primary import Herd as Herd
-    from ._primary import HerdEvent as HerdEvent
-    from ._primary import ReloadError as ReloadError
-    from ._primary import StoppedBeforeReady as StoppedBeforeReady
-    from ._primary import Worker as Worker
-    from ._primary import serve as serve
+    from ._process import WorkerProcess as WorkerProcess
+    from ._serve import serve as serve
 
 # The primary's side is imported on first use: a worker process never needs it, and every
 # module a worker does not import is memory each of N workers does not spend.
 _LAZY = {
     "run": "_cli",
     "Herd": "_primary",
-    "HerdEvent": "_primary",
-    "ReloadError": "_primary",
-    "StoppedBeforeReady": "_primary",
-    "Worker": "_primary",
-    "serve": "_primary",
+    "HerdEvent": "_events",
+    "WorkerProcess": "_process",
+    "serve": "_serve",
 }
 
 
@@ -70,9 +68,9 @@ __all__ = [
     "Response",
     "StoppedBeforeReady",
     "TrioherdError",
-    "Worker",
     "WorkerBootError",
     "WorkerInfo",
+    "WorkerProcess",
     "current_worker",
     "receive_from_primary",
     "run",

@@ -20,9 +20,10 @@ import trio
 
 from . import _control
 from ._config import OPTIONS, Config, build_config, make_config
-from ._errors import ConfigError, WorkerBootError
+from ._errors import ConfigError, StoppedBeforeReady, WorkerBootError
 from ._log import setup_logging
-from ._primary import Herd, StoppedBeforeReady, serve
+from ._primary import Herd
+from ._serve import serve
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._errors import ConfigError
+from ._errors import ConfigError, ReloadError
 from ._listeners import unix_socket_in_use
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def status(herd: Herd) -> dict[str, Any]:
         "workers": [worker.as_dict() for worker in herd.workers],
         "backoff": [
             {"slot": slot.index, "restarts": slot.restarts}
-            for slot in herd._slots
+            for slot in herd.slots
             if slot.backoff_until is not None
         ],
     }
@@ -140,8 +140,6 @@ def status(herd: Herd) -> dict[str, Any]:
 async def handle_request(
     herd: Herd, request: dict[str, Any], nursery: trio.Nursery
 ) -> dict[str, Any]:
-    from ._primary import ReloadError
-
     command = request.get("cmd")
     try:
         if command == "status":

@@ -26,3 +26,14 @@ class WorkerBootError(TrioherdError):
 
 class IPCProtocolError(TrioherdError):
     """A malformed message on a primary/worker channel."""
+
+
+class StoppedBeforeReady(TrioherdError):
+    """A stop (a signal, ``herd.stop()``) came while the herd was still booting.
+    ``forced``: it was a stop at once (a second signal)."""
+
+    forced = False
+
+
+class ReloadError(TrioherdError):
+    """A replacement worker failed to boot; the reload stopped and old workers still serve."""

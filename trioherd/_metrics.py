@@ -123,7 +123,7 @@ async def serve_metrics(
         raise ConfigError("metrics_bind", f"{herd.config.metrics_bind}: {exc.strerror}") from None
     sockname = listeners[0].socket.getsockname()
     shown = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-    herd.metrics_url = f"http://{shown}:{sockname[1]}/metrics"
-    log.info("metrics on %s", herd.metrics_url)
-    task_status.started(herd.metrics_url)
+    url = f"http://{shown}:{sockname[1]}/metrics"
+    log.info("metrics on %s", url)
+    task_status.started(url)
     await trio.serve_listeners(handle, listeners)

@@ -7,8 +7,11 @@ rule is tested synchronously.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
+
+import attrs
+
+from ._config import Config
 
 
 class Loaded(Protocol):
@@ -33,12 +36,6 @@ class Dispatcher(Generic[W]):
         self.limit = limit
         self._workers: list[W] = []
         self._turn = 0
-
-    def __len__(self) -> int:
-        return len(self._workers)
-
-    def __iter__(self) -> Iterator[W]:
-        return iter(self._workers)
 
     def __contains__(self, worker: object) -> bool:
         return worker in self._workers
@@ -106,6 +103,12 @@ def request_limit(max_requests: int, jitter: int, rng: random.Random | None = No
     return max_requests + (rng or random).randint(0, jitter) if jitter > 0 else max_requests
 
 
+def free_indexes(used: list[int], count: int) -> list[int]:
+    """The ``count`` lowest slot indexes not in ``used``."""
+    taken = set(used)
+    return [index for index in range(len(taken) + count) if index not in taken][:count]
+
+
 def should_recycle(requests: int, limit: int, rss_bytes: int, max_memory_mib: int) -> str | None:
     """The reason to recycle a worker now, or None."""
     if limit and requests >= limit:
@@ -113,3 +116,65 @@ def should_recycle(requests: int, limit: int, rss_bytes: int, max_memory_mib: in
     if max_memory_mib and rss_bytes > max_memory_mib * 1024 * 1024:
         return "max-memory"
     return None
+
+
+@attrs.frozen
+class ExitFacts:
+    """What the primary knows when a worker process has exited."""
+
+    successor_wanted: bool
+    """The worker still held its slot, the slot is active, the herd is not stopping and
+    nobody asked the worker to disconnect: the slot needs a new worker."""
+    drained_itself: bool
+    """The worker drained on its own (SIGTERM sent to it from outside)."""
+    was_ready: bool
+    uptime: float
+    killed_for: str | None
+    boot_failures: int
+    """Workers in a row, herd-wide, that died before they were ready (before this one)."""
+    slot_failures: int
+    """Consecutive failures of this slot (before this one)."""
+
+
+@attrs.frozen
+class ExitDecision:
+    """What to do about a worker's exit: ``action`` is ``none``, ``respawn`` or
+    ``give-up`` (the app cannot boot: stop the herd with the worker's error)."""
+
+    action: str
+    delay: float = 0.0
+    cause: str | None = None
+    """The respawn counter it adds to (crash, boot, timeout, signal, ...)."""
+    boot_failures: int = 0
+    slot_failures: int = 0
+    penalised: bool = False
+    """The slot's restart count goes up (a death, not a replacement)."""
+
+
+def after_exit(facts: ExitFacts, config: Config) -> ExitDecision:
+    """Decide what a worker's exit means for its slot (``min_uptime``, ``backoff_max``
+    and ``max_boot_failures`` come from ``config``)."""
+    if not facts.successor_wanted:
+        return ExitDecision("none", boot_failures=facts.boot_failures)
+    if facts.drained_itself:  # SIGTERM sent to the worker: replace it, no penalty
+        return ExitDecision(
+            "respawn",
+            cause="signal",
+            boot_failures=facts.boot_failures,
+            slot_failures=facts.slot_failures,
+        )
+    boot_failures = facts.boot_failures
+    if not facts.was_ready:
+        boot_failures += 1
+        if boot_failures >= config.max_boot_failures:
+            return ExitDecision("give-up", boot_failures=boot_failures)
+    failures = 0 if facts.uptime >= config.min_uptime else facts.slot_failures
+    failures += 1
+    return ExitDecision(
+        "respawn",
+        delay=backoff_delay(failures, config.backoff_max),
+        cause=facts.killed_for or ("crash" if facts.was_ready else "boot"),
+        boot_failures=boot_failures,
+        slot_failures=failures,
+        penalised=True,
+    )

@@ -6,7 +6,17 @@ import random
 
 import attrs
 
-from trioherd._policy import Dispatcher, backoff_delay, request_limit, should_recycle
+from trioherd._config import Config
+from trioherd._policy import (
+    Dispatcher,
+    ExitDecision,
+    ExitFacts,
+    after_exit,
+    backoff_delay,
+    free_indexes,
+    request_limit,
+    should_recycle,
+)
 
 
 @attrs.define(eq=False)
@@ -84,3 +94,68 @@ def test_should_recycle() -> None:
     assert should_recycle(50, 50, 0, 0) == "max-requests"
     assert should_recycle(10, 0, 200 * 1024 * 1024, 100) == "max-memory"
     assert should_recycle(10, 0, 50 * 1024 * 1024, 100) is None
+
+
+def _facts(**changes: object) -> ExitFacts:
+    facts = ExitFacts(
+        successor_wanted=True,
+        drained_itself=False,
+        was_ready=True,
+        uptime=1.0,
+        killed_for=None,
+        boot_failures=0,
+        slot_failures=0,
+    )
+    return attrs.evolve(facts, **changes)
+
+
+def _decide(facts: ExitFacts) -> ExitDecision:
+    config = Config(min_uptime=10.0, backoff_max=15.0, max_boot_failures=3)
+    return after_exit(facts, config)
+
+
+def test_an_exit_nobody_needs_a_successor_for_changes_nothing() -> None:
+    decision = _decide(_facts(successor_wanted=False, boot_failures=2, was_ready=False))
+    assert decision.action == "none"
+    assert decision.boot_failures == 2
+
+
+def test_a_worker_sigtermed_from_outside_is_replaced_at_once_without_penalty() -> None:
+    decision = _decide(_facts(drained_itself=True, slot_failures=3))
+    assert (decision.action, decision.delay, decision.cause) == ("respawn", 0.0, "signal")
+    assert not decision.penalised
+    assert decision.slot_failures == 3
+
+
+def test_crashes_back_off_doubling_and_a_long_life_resets_the_back_off() -> None:
+    delays = []
+    failures = 0
+    for _ in range(4):
+        decision = _decide(_facts(slot_failures=failures))
+        assert decision.action == "respawn" and decision.cause == "crash" and decision.penalised
+        delays.append(decision.delay)
+        failures = decision.slot_failures
+    assert delays == [0.1, 0.2, 0.4, 0.8]
+    assert _decide(_facts(slot_failures=failures, uptime=10.0)).delay == 0.1
+
+
+def test_the_cause_is_the_reason_trioherd_killed_it() -> None:
+    assert _decide(_facts(killed_for="timeout")).cause == "timeout"
+    assert _decide(_facts(was_ready=False)).cause == "boot"
+
+
+def test_boot_failures_in_a_row_give_up_at_the_limit() -> None:
+    first = _decide(_facts(was_ready=False))
+    assert (first.action, first.boot_failures) == ("respawn", 1)
+    second = _decide(_facts(was_ready=False, boot_failures=first.boot_failures))
+    assert (second.action, second.boot_failures) == ("respawn", 2)
+    third = _decide(_facts(was_ready=False, boot_failures=second.boot_failures))
+    assert third.action == "give-up"
+    # a ready worker's death does not count towards giving up
+    assert _decide(_facts(boot_failures=2)).boot_failures == 2
+
+
+def test_new_slots_take_the_lowest_free_indexes() -> None:
+    assert free_indexes([], 3) == [0, 1, 2]
+    assert free_indexes([0, 2, 5], 3) == [1, 3, 4]
+    assert free_indexes([1], 1) == [0]
