@@ -17,13 +17,10 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
 import attrs
-
-if TYPE_CHECKING:
-    from ._http import BodyReader
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,7 +84,7 @@ class Request:
     tls: dict[str, Any] | None = None
     """TLS facts when served over HTTPS: ``version``, ``cipher``, ``alpn`` and
     ``peer_subject`` (the client certificate's subject, when one was given)."""
-    _reader: BodyReader | None = attrs.field(default=None, repr=False)
+    _reader: AsyncIterable[bytes] | None = attrs.field(default=None, repr=False)
 
     async def body(self) -> bytes:
         """The whole body (bounded by ``max_body_size``)."""
@@ -113,9 +110,6 @@ class Response:
     status: int = 200
     headers: dict[str, str] | list[tuple[str, str]] = attrs.Factory(dict)
     content_type: str | None = None
-
-
-App = Callable[..., Awaitable[Any]]
 
 
 def load(spec: str) -> Any:

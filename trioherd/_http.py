@@ -1,5 +1,12 @@
 """HTTP/1.1 in the worker: one task per connection, an h11 state machine, no task per request.
 
+The layout: this module reads requests (h11) and owns the connection, its deadlines and
+its errors; ``_framing`` turns a response into bytes (sans I/O) and holds the keep-alive
+decision; an adapter (``_native``, ``_asgi``), chosen once per worker, runs the app for
+one request and writes its response through :meth:`HTTPConnection.send_complete`, or
+:meth:`HTTPConnection.head` and :meth:`HTTPConnection.send` with ``framing.body`` and
+``framing.end``.
+
 Timeouts, all cancel scopes in the connection's own task:
 - idle: waiting for the first byte of a request (``keep_alive_timeout``; during a drain the
   short drain grace instead, so a request already on its way is still served);
@@ -14,21 +21,17 @@ connection is dropped; either way one log line with the traceback and the worker
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import math
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from http import HTTPStatus
-from typing import Any
-from urllib.parse import unquote
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import h11
 import trio
 
-from ._app import Headers, Request, Response
 from ._config import Config
+from ._framing import Fields, ResponseFraming, header_list, reason
 from ._rawstream import RawSocketStream
 
 log = logging.getLogger("trioherd.http")
@@ -39,20 +42,6 @@ DRAIN_GRACE = 1.0
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
-
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-_date_second = 0
-_date_value = b""
-
-
-def http_date() -> bytes:
-    """The Date header value, formatted once per second."""
-    global _date_second, _date_value
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_value = email.utils.formatdate(now, usegmt=True).encode()
-    return _date_value
 
 
 class Stats:
@@ -176,40 +165,52 @@ class BodyReader:
             raise ClientGone()
 
 
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")  # h11's rules
 # where h11 is done with a request: DONE, or a protocol switch offered that we decline
 _REQUEST_DONE = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)  # type: ignore[attr-defined]
 
 
-class InvalidResponse(Exception):
-    """The app asked for a response HTTP cannot carry (a bad header, a wrong length)."""
+class RequestHead(Protocol):
+    """The request line, as an adapter reads it: h11's Request has it, and so would the
+    request of another parser."""
+
+    @property
+    def method(self) -> bytes: ...
+
+    @property
+    def target(self) -> bytes: ...
+
+    @property
+    def http_version(self) -> bytes: ...
+
+
+class Adapter(Protocol):
+    """An app interface (native, ASGI), chosen once per worker: runs the app for one
+    request and writes its response through the connection; returns the status, for the
+    counters and the access log. Raises what the app raised; BodyTooLarge or ClientGone
+    from the body; ClientGone for a response it could not finish."""
+
+    async def __call__(self, http: HTTPConnection, request: RequestHead) -> int: ...
 
 
 class HTTPConnection:
     """Serves the requests of one connection until it closes.
 
     h11 parses each request (a fresh h11 state machine per request, fed the bytes left over
-    from the one before, so pipelining works); responses are written here, directly as
-    bytes, with the framing HTTP/1.1 asks for: that skips most of h11's per-event
-    bookkeeping, which costs more than the parsing itself.
+    from the one before, so pipelining works); responses are framed by ResponseFraming,
+    directly as bytes, with the framing HTTP/1.1 asks for: that skips most of h11's
+    per-event bookkeeping, which costs more than the parsing itself.
     """
 
     __slots__ = (
-        "_bodyless_status",
-        "_chunked",
-        "_head_only",
-        "_remaining",
-        "app",
-        "asgi",
+        "adapter",
         "bodyless",
         "client",
         "conn",
         "counted",
         "deadline",
         "expired",
+        "framing",
         "headers",
-        "keep_alive",
         "leftover",
         "phase",
         "request",
@@ -227,8 +228,7 @@ class HTTPConnection:
     def __init__(
         self,
         state: ServerState,
-        app: Callable[..., Awaitable[Any]],
-        asgi: bool,
+        adapter: Adapter,
         stream: trio.abc.Stream,
         client: tuple[str, int] | None,
         server: tuple[str, int] | None = None,
@@ -236,27 +236,22 @@ class HTTPConnection:
         tls: dict[str, Any] | None = None,
     ) -> None:
         self.state = state
-        self.app = app
-        self.asgi = asgi
+        self.adapter = adapter
         self.stream = stream
         self.client = client
         self.server = server
         self.scheme = scheme
         self.tls = tls
         self.conn = self._new_parser()
-        self.keep_alive = True
+        self.framing = ResponseFraming()
         self.response_started = False
         self.sent_continue = False
-        self._head_only = False
-        self._chunked = False
-        self._bodyless_status = False
-        self._remaining: int | None = None
         self.phase = IDLE
         self.deadline = math.inf
         self.expired: int | None = None
         self.scope = trio.CancelScope()
         self.request: h11.Request | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: Fields = []
         self.bodyless = False
         self.leftover = False
         self.counted = False
@@ -327,11 +322,8 @@ class HTTPConnection:
             event = await self._read_head()
             if type(event) is not h11.Request:
                 return False
-            served += 1
-            self.keep_alive = not (
-                self.state.draining or (per_connection and served >= per_connection)
-            )
-            if not await self._serve_request(event):
+            served += 1  # the limit is the last request (0: no limit)
+            if not await self._serve_request(event, served == per_connection):
                 return True
             conn = self.conn
             if not self.bodyless and conn.their_state not in _REQUEST_DONE:
@@ -344,7 +336,7 @@ class HTTPConnection:
                         return True  # linger: read what comes for a moment, then close
                 if conn.their_state not in _REQUEST_DONE:
                     return False
-            if not self.keep_alive:
+            if not self.framing.keep_alive:
                 return False
             # RFC 9112 2.2: blank lines before a request line are to be ignored
             leftover = conn.trailing_data[0].lstrip(b"\r\n")
@@ -358,8 +350,8 @@ class HTTPConnection:
         self.request = None
         self.response_started = False
         self.counted = False
-        self._head_only = False
         self.started = 0.0
+        self.framing.head_only = False  # an answer before a head (400, 408) has a body
         conn = self.conn
         state = self.state
         config = state.config
@@ -394,49 +386,24 @@ class HTTPConnection:
                 self.deadline = math.inf
                 return event  # type: ignore[return-value]
 
-    async def _serve_request(self, request: h11.Request) -> bool:
-        """Run the app for one request; False if the connection must end at once."""
-        config = self.state.config
+    async def _serve_request(self, request: h11.Request, last: bool) -> bool:
+        """Run the app for one request; False if the connection must end at once.
+        ``last``: the connection's last request (max_requests_per_connection)."""
         self.request = request
         self.started = self.started_at()
-        self._head_only = request.method == b"HEAD"
         self.headers = headers = header_list(request)
-        if len(headers) > config.max_header_count:
-            await self._reject(431, "too many header fields")
-            return False
-        # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
-        size = len(request.method) + len(request.target) + 12
-        content_length = None
-        chunked = False
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name == b"content-length":
-                content_length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-        self.bodyless = not chunked and not content_length
-        if chunked and content_length is not None:
-            self.keep_alive = False  # RFC 9112 6.1: answer, then close (smuggling guard)
-        if size > config.max_header_size:
-            await self._reject(431, "request head too large")
-            return False
-        if content_length is not None and content_length > config.max_body_size:
-            await self._reject(413, "request body too large")
+        refusal = self._check_head(request, headers, last)
+        if refusal is not None:
+            await self._reject(*refusal)
             return False
         sent_before = self.state.stats.bytes_out
         self.sent_continue = False
-        if request.http_version != b"1.1" or _wants_close(headers):
-            self.keep_alive = False
         status = 500
         try:
-            if self.asgi:
-                status = await self._call_asgi(request)
-            else:
-                status = await self._call_native(request)
+            status = await self.adapter(self, request)
         except BodyTooLarge:
             status = 413
-            if not self.response_started:
-                await self._send_error(413, "request body too large")
+            await self._send_error(413, "request body too large")
             return False
         except ClientGone:
             status = 499  # the client went away before the response was complete
@@ -453,14 +420,52 @@ class HTTPConnection:
                 "app raised on %s %s", request.method.decode(), request.target.decode("latin-1")
             )
             status = 500
-            if self.response_started:
-                return False  # a half-sent response cannot be repaired
-            await self._send_error(500, None)
+            await self._send_error(500, None)  # unless a response began: it cannot be mended
             return False
         finally:
             if self.expired is None:  # else run() answers 408 and counts it
                 self._count(request, status, self.state.stats.bytes_out - sent_before)
         return True
+
+    def _check_head(
+        self, request: h11.Request, headers: Fields, last: bool
+    ) -> tuple[int, str] | None:
+        """Measure the request's head against the limits: the error to answer, or None.
+
+        Also notes whether the request has a body, and makes the request's keep-alive
+        decision (the response can only turn it off: see ResponseFraming)."""
+        config = self.state.config
+        # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
+        size = len(request.method) + len(request.target) + 12
+        content_length = None
+        chunked = close = False
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+        self.bodyless = not chunked and not content_length
+        self.framing.begin(
+            request.method == b"HEAD",
+            not (
+                close
+                or last
+                or self.state.draining
+                or request.http_version != b"1.1"
+                # RFC 9112 6.1: both lengths: answer, then close (a smuggling guard)
+                or (chunked and content_length is not None)
+            ),
+        )
+        if len(headers) > config.max_header_count:
+            return (431, "too many header fields")
+        if size > config.max_header_size:
+            return (431, "request head too large")
+        if content_length is not None and content_length > config.max_body_size:
+            return (413, "request body too large")
+        return None
 
     def _count(self, request: h11.Request | None, status: int, sent: int) -> None:
         """Count a request once (stats, access log)."""
@@ -505,105 +510,25 @@ class HTTPConnection:
 
     # -- responses -------------------------------------------------------------------------
 
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> bytes:
-        """The response head. ``length``: the body size, or None for a body of unknown
-        length (chunked, or close-delimited for an HTTP/1.0 client). Raises
-        InvalidResponse for what HTTP/1.1 cannot carry, before anything is sent."""
-        if not 200 <= status <= 999:  # 1xx are interim, never the answer
-            raise InvalidResponse(f"invalid response status {status!r}")
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
-        has_date = has_server = False
-        declared: int | None = None
-        connection: bytes | None = None
-        for name, value in headers:
-            lowered = name.lower()
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
-            if lowered == b"date":
-                has_date = True
-            elif lowered == b"server":
-                has_server = True
-            elif lowered == b"connection":
-                connection = value
-                if b"close" in value.lower():
-                    self.keep_alive = False
-                continue  # merged with ours below
-            elif lowered == b"content-length":
-                if not value.isdigit() or (declared is not None and int(value) != declared):
-                    raise InvalidResponse(f"invalid content-length {value!r}")
-                if declared is not None:
-                    continue  # the same value twice: send it once
-                declared = int(value)
-                if status == 204:
-                    continue  # RFC 9110 8.6: never on a 204
-            elif lowered == b"transfer-encoding":
-                if value.lower() != b"chunked":
-                    raise InvalidResponse(f"unsupported transfer-encoding {value!r}")
-                continue  # we add our own when we chunk
-            parts.append(b"%s: %s\r\n" % (name, value))
-        if not has_date:
-            parts.append(b"date: %s\r\n" % http_date())
-        if not has_server:
-            parts.append(b"server: trioherd\r\n")
-        if self.state.draining or (
-            # the client waits for 100-continue and we answer without reading the body:
-            # it may not send it, so this connection cannot go on (RFC 9110 10.1.1)
+    # The response must be the connection's last during a drain, and when the client waits
+    # for 100-continue and is answered without its body being read: it may not send it,
+    # so the connection cannot go on (RFC 9110 10.1.1). Written out in both methods below:
+    # this is the hot path, and a call costs more than the test.
+
+    def head(self, status: int, headers: Fields, length: int | None) -> bytes:
+        """The response head (see ResponseFraming.head); the body follows through
+        ``framing.body`` and ``framing.end``."""
+        close = self.state.draining or (
             not self.bodyless and self.conn.they_are_waiting_for_100_continue
-        ):
-            self.keep_alive = False
-        self._bodyless_status = bodyless = status in (204, 304)
-        self._chunked = False
-        self._remaining = None
-        if bodyless:
-            self._remaining = 0
-        elif declared is not None:
-            # HEAD: the app may declare the GET's length and send nothing (Starlette does)
-            if length is not None and length != declared and not (self._head_only and not length):
-                raise InvalidResponse(f"content-length {declared} but a body of {length}")
-            self._remaining = declared
-        elif length is not None:
-            parts.append(b"content-length: %d\r\n" % length)
-            self._remaining = length
-        elif self.keep_alive:
-            parts.append(b"transfer-encoding: chunked\r\n")
-            self._chunked = True
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        elif connection is not None:
-            parts.append(b"connection: %s\r\n" % connection)
-        parts.append(b"\r\n")
-        if self._head_only or bodyless:
-            self._remaining = 0
-            self._chunked = False
-        return b"".join(parts)
+        )
+        return self.framing.head(status, headers, length, close)
 
-    def _body(self, data: bytes) -> bytes:
-        """Frame a piece of body (none for HEAD, 204 and 304)."""
-        if not data or self._head_only or self._bodyless_status:
-            return b""
-        if self._chunked:
-            return b"%x\r\n%s\r\n" % (len(data), data)
-        if self._remaining is not None:
-            if len(data) > self._remaining:
-                raise InvalidResponse("body longer than its content-length")
-            self._remaining -= len(data)
-        return data
-
-    def _end(self) -> bytes:
-        if self._chunked:
-            return b"0\r\n\r\n"
-        if self._remaining and not self._head_only:
-            raise InvalidResponse("body shorter than its content-length")
-        return b""
-
-    async def _send_complete(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
-        """Head + body in one send_all."""
-        data = self._head(status, headers, len(body))
-        if body and not self._head_only and not self._bodyless_status:
-            data += body
-        await self.send(data)
+    async def send_complete(self, status: int, headers: Fields, body: bytes) -> None:
+        """A response whose body is known: head and body in one send_all."""
+        close = self.state.draining or (
+            not self.bodyless and self.conn.they_are_waiting_for_100_continue
+        )
+        await self.send(self.framing.complete(status, headers, body, close))
 
     async def _reject(self, status: int, detail: str) -> None:
         """An error answer to a request the app never saw; counted and logged like any."""
@@ -620,11 +545,10 @@ class HTTPConnection:
     async def _send_error(self, status: int, detail: str | None) -> None:
         if self.response_started:
             return
-        self.keep_alive = False
-        body = b"%d %s\n" % (status, _REASONS.get(status, b""))
+        body = b"%d %s\n" % (status, reason(status))
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         try:
-            await self._send_complete(status, headers, body)
+            await self.send(self.framing.complete(status, headers, body, close=True))
         except _STREAM_ERRORS:
             pass
         if detail:
@@ -659,168 +583,3 @@ class HTTPConnection:
             except (OSError, *_STREAM_ERRORS):
                 pass
         await trio.aclose_forcefully(stream)
-
-    # -- native apps -------------------------------------------------------------------------
-
-    def _request(self, request: h11.Request) -> Request:
-        target = request.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        return Request(
-            method=request.method.decode("ascii"),
-            path=unquote(path) if "%" in path else path,
-            query=query,
-            headers=Headers(self.headers),
-            client=self.client,
-            http_version=request.http_version.decode("ascii"),
-            scheme=self.scheme,
-            tls=self.tls,
-            reader=BodyReader(self),
-        )
-
-    async def _call_native(self, request: h11.Request) -> int:
-        response = await self.app(self._request(request))
-        if not isinstance(response, Response):
-            if isinstance(response, bytes | str):
-                response = Response(response)
-            else:
-                raise TypeError(f"app returned {response!r}, not a trioherd.Response")
-        raw = response.headers
-        items = raw.items() if isinstance(raw, dict) else raw
-        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in items]
-        body = response.body
-        content_type = response.content_type
-        if isinstance(body, str):
-            body = body.encode()
-            content_type = content_type or "text/plain; charset=utf-8"
-        if content_type:
-            headers.append((b"content-type", content_type.encode("latin-1")))
-        status = response.status
-        if isinstance(body, bytes | bytearray | memoryview):
-            await self._send_complete(status, headers, bytes(body))
-            return status
-        await self.send(self._head(status, headers, None))
-        if self._head_only or self._remaining == 0:
-            if hasattr(body, "aclose"):
-                await body.aclose()
-        else:
-            async for chunk in body:
-                if chunk:
-                    await self.send(self._body(bytes(chunk)))
-        end = self._end()
-        if end:
-            await self.send(end)
-        return status
-
-    # -- ASGI apps -------------------------------------------------------------------------
-
-    async def _call_asgi(self, request: h11.Request) -> int:
-        target = request.target
-        path, _, query = target.partition(b"?")
-        text_path = path.decode("latin-1")
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": request.http_version.decode("ascii"),
-            "method": request.method.decode("ascii"),
-            "scheme": self.scheme,
-            "path": unquote(text_path) if "%" in text_path else text_path,
-            "raw_path": path,
-            "query_string": query,
-            "root_path": "",
-            "headers": self.headers,
-            "client": self.client,
-            "server": self.server,
-            "state": dict(self.state.asgi_state),
-        }
-        if self.tls is not None:
-            scope["extensions"] = {"tls": _asgi_tls(self.tls)}
-            scope["trioherd.tls"] = self.tls
-        reader = BodyReader(self)
-        response_done = trio.Event()
-        status = 0
-        pending_head: list[tuple[bytes, bytes]] | None = None
-        head_sent = False
-
-        async def receive() -> dict[str, Any]:
-            if not reader.done:
-                chunk = await reader.next_chunk()
-                return {"type": "http.request", "body": chunk, "more_body": not reader.done}
-            await response_done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status, pending_head, head_sent
-            kind = message["type"]
-            if kind == "http.response.start":
-                if pending_head is not None or head_sent:
-                    raise RuntimeError("ASGI app sent http.response.start twice")
-                status = int(message["status"])
-                pending_head = [(bytes(n), bytes(v)) for n, v in message.get("headers", ())]
-            elif kind == "http.response.body":
-                if response_done.is_set():
-                    return
-                body = bytes(message.get("body", b""))
-                more = bool(message.get("more_body", False))
-                if not head_sent:
-                    if pending_head is None:
-                        raise RuntimeError("ASGI app sent a body before http.response.start")
-                    head_sent = True
-                    if not more:
-                        await self._send_complete(status, pending_head, body)
-                        response_done.set()
-                        return
-                    data = self._head(status, pending_head, None) + self._body(body)
-                else:
-                    data = self._body(body)
-                if not more:
-                    data += self._end()
-                    response_done.set()
-                if data:
-                    await self.send(data)
-            else:
-                raise RuntimeError(f"unexpected ASGI message {kind!r}")
-
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            complete = response_done.is_set()
-            response_done.set()
-        if not head_sent:
-            raise RuntimeError("ASGI app returned without sending a response")
-        if not complete:
-            raise ClientGone()  # the app stopped mid-body: the response is incomplete
-        return status
-
-
-def header_list(request: h11.Request) -> list[tuple[bytes, bytes]]:
-    """The request's (lower-case name, value) pairs as a plain list.
-
-    h11's Headers is a Sequence whose iteration goes through ``__getitem__`` one item at a
-    time; its own list of items is read directly when it is there (it is in h11 0.14 to
-    0.16), which makes a measurable difference at thousands of requests a second."""
-    items = getattr(request.headers, "_full_items", None)
-    if isinstance(items, list):
-        return [(name, value) for _, name, value in items]
-    return list(request.headers)
-
-
-def _wants_close(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"connection" and b"close" in value.lower():
-            return True
-    return False
-
-
-_TLS_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
-
-
-def _asgi_tls(info: dict[str, Any]) -> dict[str, Any]:
-    """The ASGI TLS extension's view of a connection."""
-    return {
-        "server_cert": None,
-        "client_cert_chain": [],
-        "client_cert_name": info.get("peer_subject"),
-        "client_cert_error": None,
-        "tls_version": _TLS_CODES.get(info.get("version") or ""),
-        "cipher_suite": None,
-    }

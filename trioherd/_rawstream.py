@@ -62,11 +62,6 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()  # see the module docstring
             return data
 
-    async def wait_readable(self) -> None:
-        """Wait until a receive would not block (the idle wait of a keep-alive loop)."""
-        self._unyielded = 0
-        await trio.lowlevel.wait_readable(self.socket)
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
         total = len(data)

@@ -37,11 +37,13 @@ import attrs
 import trio
 
 from . import _app, _ipc
+from ._asgi import ASGIAdapter
 from ._config import Config
 from ._errors import ConfigError, IPCProtocolError
-from ._http import HTTPConnection, ServerState
+from ._http import Adapter, HTTPConnection, ServerState
 from ._listeners import accept_fd
 from ._log import setup_logging
+from ._native import NativeAdapter
 from ._rawstream import RawSocketStream
 
 log = logging.getLogger("trioherd.worker")
@@ -50,6 +52,9 @@ EXIT_BOOT_ERROR = 3
 PRIMARY_GONE_GRACE = 1.0
 ACK_TIMEOUT = 5.0
 CLOSED_REPORT_INTERVAL = 0.002
+
+Handler = Callable[[socket.socket], Awaitable[None]]
+"""What each accepted socket is given to (see _make_handler)."""
 
 
 @attrs.frozen
@@ -123,7 +128,7 @@ class Worker:
         self.acked = trio.Event()
         self.refused = 0
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
-        self.handler: Callable[[socket.socket], Awaitable[None]] | None = None
+        self.handler: Handler | None = None
         self.ssl_context: Any = None
         self.conn_nursery: trio.Nursery | None = None
         self.early: list[tuple[bytes, list[int]]] = []
@@ -428,64 +433,85 @@ async def _main(fd: int) -> None:
     channel.close()
 
 
-def _make_handler(
-    worker: Worker, app: Any, interface: str
-) -> Callable[[socket.socket], Awaitable[None]]:
+def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
     """The coroutine each accepted socket is given to, for the app's interface."""
-    state = worker.state
-    config = worker.config
-    ssl_context = worker.ssl_context
-    asgi = interface == "asgi"
-
+    timeout = worker.config.tls_handshake_timeout
     if interface == "stream":
+        return _stream_handler(app, worker.ssl_context, timeout)
+    adapter = _adapter(app, interface, worker.state)
+    if worker.ssl_context is not None:
+        return _tls_handler(worker.state, adapter, worker.ssl_context, timeout)
+    return _plain_handler(worker.state, adapter)
 
-        async def handle_stream(sock: socket.socket) -> None:
-            plain = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            stream: trio.abc.Stream = plain
-            try:
-                if ssl_context is not None:
-                    from ._tls import handshake
 
-                    secured = await handshake(plain, ssl_context, config.tls_handshake_timeout)
-                    if secured is None:
-                        return
-                    stream = secured[0]
-                await app(stream)
-            finally:
-                await trio.aclose_forcefully(stream)
+def _adapter(app: Any, interface: str, state: ServerState) -> Adapter:
+    """The app's HTTP interface, chosen once per worker. (A second HTTP parser, such as
+    httptools, would be chosen beside it, as another connection class in the handlers.)"""
+    if interface == "asgi":
+        return ASGIAdapter(app, state.asgi_state)
+    return NativeAdapter(app)
 
-        return handle_stream
 
-    def addresses(sock: socket.socket) -> tuple[Any, Any]:
-        client: Any = sock.getpeername()
-        if not isinstance(client, tuple):  # a Unix socket has no client address
-            return None, None
-        return client[:2], sock.getsockname()[:2]
+def _stream_handler(app: Any, ssl_context: Any, timeout: float) -> Handler:
+    """A raw stream handler: the app gets the stream (after the TLS handshake, if any)."""
 
-    if ssl_context is not None:
-        from ._tls import handshake
+    async def handle_stream(sock: socket.socket) -> None:
+        plain = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        stream: trio.abc.Stream = plain
+        try:
+            if ssl_context is not None:
+                from ._tls import handshake
 
-        async def handle_tls(sock: socket.socket) -> None:
-            try:
-                client, server = addresses(sock)
-            except OSError:
-                return
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            secured = await handshake(stream, ssl_context, config.tls_handshake_timeout)
-            if secured is None:
-                return
-            tls_stream, tls = secured
-            await HTTPConnection(state, app, asgi, tls_stream, client, server, "https", tls).run()
+                secured = await handshake(plain, ssl_context, timeout)
+                if secured is None:
+                    return
+                stream = secured[0]
+            await app(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
 
-        return handle_tls
+    return handle_stream
+
+
+def _addresses(sock: socket.socket) -> tuple[Any, Any]:
+    """(client, server) addresses of a TCP connection; (None, None) for a Unix one."""
+    client: Any = sock.getpeername()
+    if not isinstance(client, tuple):  # a Unix socket has no client address
+        return None, None
+    return client[:2], sock.getsockname()[:2]
+
+
+def _tls_handler(
+    state: ServerState, adapter: Adapter, ssl_context: Any, timeout: float
+) -> Handler:
+    """HTTPS: the TLS handshake in the connection's task, then HTTP over trio's SSLStream."""
+    from ._tls import handshake
+
+    async def handle_tls(sock: socket.socket) -> None:
+        try:
+            client, server = _addresses(sock)
+        except OSError:
+            return
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        secured = await handshake(stream, ssl_context, timeout)
+        if secured is None:
+            return
+        tls_stream, tls = secured
+        await HTTPConnection(state, adapter, tls_stream, client, server, "https", tls).run()
+
+    return handle_tls
+
+
+def _plain_handler(state: ServerState, adapter: Adapter) -> Handler:
+    """Plain HTTP over a raw non-blocking socket (see ``_rawstream``)."""
 
     async def handle(sock: socket.socket) -> None:
         try:
-            client, server = addresses(sock)
+            client, server = _addresses(sock)
         except OSError:
             return
         stream = RawSocketStream(sock, nodelay=False)  # the primary's listeners have it
-        await HTTPConnection(state, app, asgi, stream, client, server).run()
+        await HTTPConnection(state, adapter, stream, client, server).run()
 
     return handle
 

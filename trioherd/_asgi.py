@@ -1,0 +1,140 @@
+"""The ASGI 3 app interface for requests: the ``http`` scope (lifespan is ``_lifespan``).
+
+:class:`ASGIAdapter` builds the scope of each request and runs the app with the
+``receive``/``send`` pair of an :class:`ASGIExchange`, which holds that one request's
+state: the body reader, the response status and head, whether the response is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import trio
+
+from ._framing import Fields
+from ._http import BodyReader, ClientGone, HTTPConnection, RequestHead
+
+ASGIApp = Callable[..., Awaitable[None]]
+Message = dict[str, Any]
+
+_TLS_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+class ASGIAdapter:
+    """Serves an ASGI 3 app; one per worker (see ``_http.Adapter``).
+
+    ``lifespan_state`` is the dict lifespan startup filled; each request's scope gets a
+    shallow copy of it, as the spec asks.
+    """
+
+    __slots__ = ("app", "lifespan_state")
+
+    def __init__(self, app: ASGIApp, lifespan_state: dict[str, Any]) -> None:
+        self.app = app
+        self.lifespan_state = lifespan_state
+
+    async def __call__(self, http: HTTPConnection, request: RequestHead) -> int:
+        # trioherd declines protocol switches today; a WebSocket upgrade would be told
+        # apart here and served with a "websocket" scope and an exchange of its own
+        exchange = ASGIExchange(http)
+        try:
+            await self.app(self.http_scope(http, request), exchange.receive, exchange.send)
+        finally:
+            complete = exchange.done.is_set()
+            exchange.done.set()
+        if not exchange.head_sent:
+            raise RuntimeError("ASGI app returned without sending a response")
+        if not complete:
+            raise ClientGone()  # the app stopped mid-body: the response is incomplete
+        return exchange.status
+
+    def http_scope(self, http: HTTPConnection, request: RequestHead) -> dict[str, Any]:
+        path, _, query = request.target.partition(b"?")
+        text_path = path.decode("latin-1")
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": request.http_version.decode("ascii"),
+            "method": request.method.decode("ascii"),
+            "scheme": http.scheme,
+            "path": unquote(text_path) if "%" in text_path else text_path,
+            "raw_path": path,
+            "query_string": query,
+            "root_path": "",
+            "headers": http.headers,
+            "client": http.client,
+            "server": http.server,
+            "state": dict(self.lifespan_state),
+        }
+        if http.tls is not None:
+            scope["extensions"] = {"tls": _asgi_tls(http.tls)}
+            scope["trioherd.tls"] = http.tls
+        return scope
+
+
+class ASGIExchange:
+    """The ``receive`` and ``send`` of one request."""
+
+    __slots__ = ("done", "head_sent", "http", "pending_head", "reader", "status")
+
+    def __init__(self, http: HTTPConnection) -> None:
+        self.http = http
+        self.reader = BodyReader(http)
+        self.done = trio.Event()  # the response is complete (or the app has returned)
+        self.status = 0
+        self.pending_head: Fields | None = None  # from http.response.start, not sent yet
+        self.head_sent = False
+
+    async def receive(self) -> Message:
+        reader = self.reader
+        if not reader.done:
+            chunk = await reader.next_chunk()
+            return {"type": "http.request", "body": chunk, "more_body": not reader.done}
+        await self.done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.pending_head is not None or self.head_sent:
+                raise RuntimeError("ASGI app sent http.response.start twice")
+            self.status = int(message["status"])
+            self.pending_head = [(bytes(n), bytes(v)) for n, v in message.get("headers", ())]
+        elif kind == "http.response.body":
+            if self.done.is_set():
+                return
+            http = self.http
+            body = bytes(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+            if not self.head_sent:
+                if self.pending_head is None:
+                    raise RuntimeError("ASGI app sent a body before http.response.start")
+                self.head_sent = True
+                if not more:  # the whole response at once: one send_all
+                    await http.send_complete(self.status, self.pending_head, body)
+                    self.done.set()
+                    return
+                data = http.head(self.status, self.pending_head, None) + http.framing.body(body)
+            else:
+                data = http.framing.body(body)
+            if not more:
+                data += http.framing.end()
+                self.done.set()
+            if data:
+                await http.send(data)
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+
+def _asgi_tls(info: dict[str, Any]) -> dict[str, Any]:
+    """The ASGI TLS extension's view of a connection."""
+    return {
+        "server_cert": None,
+        "client_cert_chain": [],
+        "client_cert_name": info.get("peer_subject"),
+        "client_cert_error": None,
+        "tls_version": _TLS_CODES.get(info.get("version") or ""),
+        "cipher_suite": None,
+    }

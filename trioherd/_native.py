@@ -1,0 +1,85 @@
+"""The native app interface: ``async def app(request: Request) -> Response``.
+
+:class:`NativeAdapter` turns the request head into a :class:`~trioherd.Request` (whose body
+is read from the connection on demand) and the app's :class:`~trioherd.Response` (or bytes,
+or str) into bytes on the wire: a body known in full goes out with its head in one send, an
+async iterator is streamed (chunked, or with the length the app declared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+from ._app import Headers, Request, Response
+from ._framing import Fields
+from ._http import BodyReader, HTTPConnection, RequestHead
+
+
+class NativeAdapter:
+    """Serves a native app; one per worker (see ``_http.Adapter``)."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Callable[[Request], Awaitable[Any]]) -> None:
+        self.app = app
+
+    async def __call__(self, http: HTTPConnection, request: RequestHead) -> int:
+        response = await self.app(make_request(http, request))
+        if not isinstance(response, Response):
+            if isinstance(response, bytes | str):
+                response = Response(response)
+            else:
+                raise TypeError(f"app returned {response!r}, not a trioherd.Response")
+        raw = response.headers
+        items = raw.items() if isinstance(raw, dict) else raw
+        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in items]
+        body = response.body
+        content_type = response.content_type
+        if isinstance(body, str):
+            body = body.encode()
+            content_type = content_type or "text/plain; charset=utf-8"
+        if content_type:
+            headers.append((b"content-type", content_type.encode("latin-1")))
+        status = response.status
+        if isinstance(body, bytes | bytearray | memoryview):
+            await http.send_complete(status, headers, bytes(body))
+        else:
+            await _stream(http, status, headers, body)
+        return status
+
+
+def make_request(http: HTTPConnection, request: RequestHead) -> Request:
+    """The native Request for a request head read on ``http``."""
+    target = request.target.decode("latin-1")
+    path, _, query = target.partition("?")
+    return Request(
+        method=request.method.decode("ascii"),
+        path=unquote(path) if "%" in path else path,
+        query=query,
+        headers=Headers(http.headers),
+        client=http.client,
+        http_version=request.http_version.decode("ascii"),
+        scheme=http.scheme,
+        tls=http.tls,
+        reader=BodyReader(http),
+    )
+
+
+async def _stream(
+    http: HTTPConnection, status: int, headers: Fields, body: AsyncIterable[bytes]
+) -> None:
+    """A body of unknown length, sent as the app produces it (each piece at once)."""
+    await http.send(http.head(status, headers, None))
+    framing = http.framing
+    if not framing.wants_body():  # HEAD, 204, 304, a declared length of 0
+        if hasattr(body, "aclose"):
+            await body.aclose()
+    else:
+        async for chunk in body:
+            if chunk:
+                await http.send(framing.body(bytes(chunk)))
+    end = framing.end()
+    if end:
+        await http.send(end)
