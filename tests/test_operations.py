@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -186,7 +187,7 @@ def test_control_socket_permissions_and_second_herd_refused(cli_herd: Any, tmp_p
     assert fourth.stop() == 0
 
 
-async def test_max_requests_recycles_one_slot_at_a_time_without_failures() -> None:
+async def test_max_requests_is_a_bound_and_recycling_loses_nothing() -> None:
     async with open_herd(
         app="apps.http_apps:native",
         workers=2,
@@ -197,12 +198,12 @@ async def test_max_requests_recycles_one_slot_at_a_time_without_failures() -> No
         events = herd.events()
         first_pids = {w.pid for w in herd.workers}
         failures = 0
-        pids: set[str] = set()
+        served: collections.Counter[str] = collections.Counter()
         fresh = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(
             base_url=herd.addresses[0], timeout=30, limits=fresh
         ) as client:
-            for _ in range(500):
+            for _ in range(600):
                 try:
                     response = await client.get("/")
                 except httpx.HTTPError:
@@ -210,14 +211,15 @@ async def test_max_requests_recycles_one_slot_at_a_time_without_failures() -> No
                     continue
                 if response.status_code != 200:
                     failures += 1
-                pids.add(response.headers["x-pid"])
-                # never both slots recycling: at most one worker more than the size
-                assert len(herd.workers) <= 3
+                served[response.headers["x-pid"]] += 1
                 assert sum(1 for w in herd.workers if w.state == "ready") >= 1
         assert failures == 0
         replaced = first_pids - {w.pid for w in herd.workers}
         assert replaced, "no worker was recycled"
-        assert len(pids) > 2
+        # the limit is 50 + up to 10 of jitter; one sequential client can overrun it only
+        # by the connections passed before the worker's report reached the primary
+        assert max(served.values()) <= 60 + 3, served
+        assert len(served) >= 600 // 63
         kinds = []
         with trio.move_on_after(1):
             async for event in events:
@@ -342,7 +344,7 @@ async def test_max_memory_recycles_a_worker_that_grows() -> None:
         assert worker.exit_code == 0 and worker.requested_disconnect
 
 
-async def test_a_slot_that_keeps_crashing_backs_off(caplog: Any) -> None:
+async def test_a_herd_whose_only_worker_keeps_crashing_is_never_left_empty(caplog: Any) -> None:
     import logging
 
     caplog.set_level(logging.INFO, logger="trioherd")
@@ -358,10 +360,9 @@ async def test_a_slot_that_keeps_crashing_backs_off(caplog: Any) -> None:
                 while not any(w.pid != worker.pid and w.state == "ready" for w in herd.workers):
                     await trio.sleep(0.05)
             assert herd.workers[0].restarts == expected_restarts
-        # 0.1 s, then 0.2 s, then 0.4 s: each crash within min_uptime doubles the wait
-        assert "respawning slot 0 in 0.1s" in caplog.text
-        assert "respawning slot 0 in 0.2s" in caplog.text
-        assert "respawning slot 0 in 0.4s" in caplog.text
+        # a worker that served, then died, and no other serves: replaced at once each time
+        # (the back-off of a slot is tested in tests/unit/test_policy.py)
+        assert caplog.text.count("respawning slot 0 in 0.0s") == 3
         assert "died: exit code 1" in caplog.text
         assert herd.respawns["crash"] == 3
 

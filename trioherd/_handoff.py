@@ -2,25 +2,42 @@
 
 :class:`Handoff` owns the listeners' accept loops, the dispatcher (which ready worker gets
 the next connection), the per-worker counts of connections handed over and closed, and
-every accepted fd until a worker has it. It never waits on one worker: a worker that
-stopped reading its channel is skipped until it reads again.
+every accepted fd until a worker has acknowledged it. It never waits on one worker.
 
-fd ownership: an accepted fd belongs to the primary until ``sendmsg`` succeeds, then the
-primary closes its copy and the worker owns the connection. An fd that could not be sent
-(the worker died, its channel is full) or that a draining worker sent back (``refuse``)
-is dispatched again, never dropped.
+The promise: **no accepted connection is lost**, whatever happens to a worker.
+- Each batch of fds goes to a worker on its connection channel with a sequence number. The
+  primary keeps its own copies until the worker acknowledges the batch (``ack``), which the
+  worker does before it reads a byte of them.
+- The primary also holds a copy of the connection channel's *receiving* end. Taking
+  packets out of it (a recall) is atomic in the kernel: what the primary takes, the worker
+  never gets. So the batches a worker has not taken yet can always be moved to another
+  worker, while it lives (it is slow or hung), and after it died.
+- A worker that dies: its last acknowledgements are read first, then its queue is
+  recalled, and every batch it took but never acknowledged goes to another worker too (it
+  cannot have read from them).
+- A worker that drains (stop, reload, recycle, scale-down, SIGTERM): the primary stops
+  sending to it and queues an end marker behind its last batch; the worker serves
+  everything before the marker, then stops reading.
+- A worker whose oldest unacknowledged batch is older than :data:`ACK_DEADLINE`, or whose
+  heartbeat is overdue, gets no new connections, and its queue is recalled and dispatched
+  elsewhere; it is given connections again once it is heard from.
+- Only when the herd stops and no worker can take a recalled connection any more is it
+  closed (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import socket
 
+import attrs
 import trio
 
 from . import _ipc
 from ._config import Config
+from ._errors import IPCProtocolError
 from ._listeners import Listener, accept_fd
 from ._policy import Dispatcher
 from ._process import WorkerProcess
@@ -29,6 +46,25 @@ log = logging.getLogger("trioherd.primary")
 
 ACCEPT_BURST = 256  # accepts in a row before the batch is flushed
 OUT_OF_FDS_PAUSE = 0.05
+ACK_DEADLINE = 0.5
+"""Seconds a worker may leave a batch unacknowledged before it is skipped and its queue
+recalled."""
+MAX_UNACKED = 256
+"""Connections one worker may hold unacknowledged; past it, it is skipped."""
+WATCH_INTERVAL = 0.1
+
+
+@attrs.define(eq=False)
+class _Transit:
+    """A worker's batches in flight: sent, not acknowledged yet (oldest first)."""
+
+    batches: collections.deque[tuple[int, int, list[int], float]] = attrs.Factory(
+        collections.deque
+    )  # (seq, listener, fds, sent at)
+    next_seq: int = 1
+    fds: int = 0
+    congested: bool = False  # skipped until heard from
+    finished: bool = False  # the end marker is queued: no more batches
 
 
 class Handoff:
@@ -40,38 +76,97 @@ class Handoff:
         self._dispatcher: Dispatcher[WorkerProcess] = Dispatcher(
             config.dispatch, config.max_connections
         )
-        self._messages = [_ipc.encode("conn", l=index) for index in range(len(listeners))]
+        self._transit: dict[WorkerProcess, _Transit] = {}
+        self._beat_overdue = max(1.0, 3 * min(1.0, config.worker_timeout / 4))
         self._capacity = trio.Event()
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self.moved = 0
+        """Connections taken back from a worker (slow, hung, dead) and passed to another."""
+        self.dropped = 0
+        """Connections closed unanswered: only when the herd stopped and no worker was left
+        to take one that had to be moved."""
 
     # -- which workers get connections ----------------------------------------------------
 
     def admit(self, worker: WorkerProcess) -> None:
         """``worker`` is ready: give it connections."""
+        transit = self._transit.setdefault(worker, _Transit())
+        if transit.finished:
+            return
+        transit.congested = False
         self._dispatcher.add(worker)
         self.signal_capacity()
 
     def withdraw(self, worker: WorkerProcess) -> None:
-        """No more connections for ``worker`` (it disconnects, drains or is gone)."""
+        """No new connections for ``worker`` for now (its channel is broken, it is being
+        replaced); what it has queued stays queued."""
         self._dispatcher.remove(worker)
+
+    def finish(self, worker: WorkerProcess) -> None:
+        """``worker`` drains: no more connections; it serves what is queued for it, and
+        the end marker behind that tells it when it has it all."""
+        self._dispatcher.remove(worker)
+        transit = self._transit.setdefault(worker, _Transit())
+        if not transit.finished:
+            transit.finished = True
+            self._send_end(worker)
 
     def is_dispatching_to(self, worker: WorkerProcess) -> bool:
         return worker in self._dispatcher
+
+    def unacknowledged(self, worker: WorkerProcess) -> int:
+        """Connections passed to ``worker`` that it has not acknowledged yet."""
+        transit = self._transit.get(worker)
+        return transit.fds if transit is not None else 0
 
     def closed(self, worker: WorkerProcess, count: int) -> None:
         """``worker`` reports ``count`` connections closed: room for more."""
         worker.closed += count
         self.signal_capacity()
 
-    def take_back(self, worker: WorkerProcess, fds: list[int], listener: int) -> None:
-        """``worker`` sent fds back unopened (it is draining): give them to another."""
-        worker.closed += len(fds)
-        if self._nursery is None or not 0 <= listener < len(self._messages):
-            _ipc.close_fds(fds)
+    def acknowledged(self, worker: WorkerProcess, seq: int) -> None:
+        """``worker`` took every batch up to ``seq``: they are its own now, and the
+        primary's copies are closed."""
+        transit = self._transit.get(worker)
+        if transit is None:
             return
-        self._nursery.start_soon(self._redispatch, fds, listener)
+        while transit.batches and transit.batches[0][0] <= seq:
+            _, _, fds, _ = transit.batches.popleft()
+            transit.fds -= len(fds)
+            _ipc.close_fds(fds)
+        self.heard_from(worker)
+
+    def heard_from(self, worker: WorkerProcess) -> None:
+        """``worker``'s loop runs (it acknowledged, or a heartbeat came): if it was
+        skipped as congested, give it connections again."""
+        transit = self._transit.get(worker)
+        if transit is not None and transit.congested and self._admissible(worker):
+            log.info("worker %d (pid %d) keeps up again", worker.id, worker.pid)
+            self.admit(worker)
+
+    def gone(self, worker: WorkerProcess) -> None:
+        """``worker`` exited (its last messages were read): every connection it did not
+        acknowledge goes to another worker; its channels are closed."""
+        self._dispatcher.remove(worker)
+        transit = self._transit.pop(worker, None)
+        if transit is not None:
+            self._recall(worker, transit, restore_end=False)
+            lost = list(transit.batches)
+            transit.batches.clear()
+            for _, listener, fds, _ in lost:
+                worker.dispatched -= len(fds)
+                self.moved += len(fds)
+                self._dispatch_later(fds, listener)
+            if lost:
+                count = sum(len(fds) for _, _, fds, _ in lost)
+                log.info(
+                    "%d connections worker %d never took go to other workers", count, worker.id
+                )
+        worker.conns.close()
+        worker.recall.close()
+        self.signal_capacity()
 
     def signal_capacity(self) -> None:
         """Wake everyone waiting for a worker with room; later waiters wait on a fresh
@@ -82,10 +177,12 @@ class Handoff:
     # -- the run -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept on every listener (not for the ``shared`` policy) until :meth:`close`."""
+        """Accept on every listener (not for the ``shared`` policy) and watch for workers
+        that fall behind, until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            nursery.start_soon(self._watch)
             if not self.shared:
                 with self._accept_scope:
                     async with trio.open_nursery() as accepting:
@@ -105,6 +202,15 @@ class Handoff:
             trio.lowlevel.notify_closing(listener.sock)
             listener.close()
         self.signal_capacity()
+
+    def _dispatch_later(self, fds: list[int], listener: int) -> None:
+        """Give ``fds`` to another worker from a task of their own; close them if the
+        hand-off no longer runs (the herd is gone)."""
+        try:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._redispatch, fds, listener)
+        except (AssertionError, RuntimeError):
+            _ipc.close_fds(fds)
 
     # -- accepting ---------------------------------------------------------------------
 
@@ -156,9 +262,7 @@ class Handoff:
         try:
             while pending:
                 worker, fds = pending[0]
-                if self._pass(worker, fds, index):
-                    _ipc.close_fds(fds)  # the worker has its own copies now
-                else:
+                if not self._pass(worker, fds, index):
                     worker.dispatched -= len(fds)
                     await self._redispatch(fds, index)
                 pending.pop(0)
@@ -173,48 +277,121 @@ class Handoff:
     # -- passing -----------------------------------------------------------------------
 
     def _pass(self, worker: WorkerProcess, fds: list[int], index: int) -> bool:
-        """Pass fds at once if the worker's channel has room (the caller closes its
-        copies); else take the worker out of dispatch until it reads again (or for good if
-        its channel is broken)."""
+        """Pass fds at once if ``worker`` is still admitted and its channel has room; the
+        primary keeps its copies until the worker acknowledges them. Else take the worker
+        out of dispatch (for now, or for good if its channel is broken): False."""
+        transit = self._transit.get(worker)
+        if transit is None or worker not in self._dispatcher:
+            return False  # withdrawn since it was picked (a stale batch)
+        if transit.fds + len(fds) > MAX_UNACKED:
+            self._congested(worker, transit, "holds too many connections unacknowledged")
+            return False
+        seq = transit.next_seq
         try:
-            if worker.channel.offer(self._messages[index], fds):
-                return True
+            sent = worker.conns.offer(_ipc.encode_conn(index, seq), fds)
         except (_ipc.ChannelClosed, OSError) as exc:
             log.warning("could not pass %d connections to worker %d: %s", len(fds), worker.id, exc)
             self._dispatcher.remove(worker)
             return False
-        if worker in self._dispatcher:
-            log.warning(
-                "worker %d (pid %d) is not reading its channel; skipping it until it does",
-                worker.id,
-                worker.pid,
-            )
-            self._dispatcher.remove(worker)
-            if self._nursery is not None:
-                self._nursery.start_soon(self._readmit, worker)
-        return False
+        if not sent:
+            self._congested(worker, transit, "is not reading its channel")
+            return False
+        transit.next_seq = seq + 1
+        transit.batches.append((seq, index, fds, trio.current_time()))
+        transit.fds += len(fds)
+        return True
 
-    async def _readmit(self, worker: WorkerProcess) -> None:
-        """Give a congested worker connections again once its channel has room."""
-        with contextlib.suppress(_ipc.ChannelClosed, OSError, trio.ClosedResourceError):
-            await worker.channel.wait_room()
-        if worker.state == "ready" and worker.slot.active and not self._closing:
-            log.info("worker %d (pid %d) reads its channel again", worker.id, worker.pid)
-            self.admit(worker)
+    def _congested(self, worker: WorkerProcess, transit: _Transit, why: str) -> None:
+        """Skip ``worker`` until it is heard from, and move what it has not taken yet."""
+        if not transit.congested:
+            log.warning("worker %d (pid %d) %s; skipping it", worker.id, worker.pid, why)
+        transit.congested = True
+        self._dispatcher.remove(worker)
+        self._recall(worker, transit)
+
+    def _admissible(self, worker: WorkerProcess) -> bool:
+        return worker.state == "ready" and worker.slot.active and not self._closing
 
     async def _redispatch(self, fds: list[int], index: int) -> None:
-        """Give fds that could not be delivered (or were refused) to another worker."""
+        """Give fds that a worker could not take (or never took) to another worker."""
+        handed = False
         try:
-            while fds:
+            while not handed:
                 worker = self._dispatcher.pick()
                 if worker is None:
                     if self._closing:
-                        break
+                        log.warning("stopping: %d connections had no worker left", len(fds))
+                        self.dropped += len(fds)
+                        return
                     await self._capacity.wait()
                     continue
                 worker.dispatched += len(fds)
-                if self._pass(worker, fds, index):
-                    return
-                worker.dispatched -= len(fds)
+                handed = self._pass(worker, fds, index)
+                if not handed:
+                    worker.dispatched -= len(fds)
         finally:
-            _ipc.close_fds(fds)  # handed over (the worker has its own copies) or given up
+            if not handed:
+                _ipc.close_fds(fds)
+
+    # -- taking back what a worker has not taken -------------------------------------
+
+    def _recall(self, worker: WorkerProcess, transit: _Transit, restore_end: bool = True) -> None:
+        """Take every packet still queued for ``worker`` out of its channel and dispatch
+        the batches again; put the end marker back if it was among them."""
+        recalled: set[int] = set()
+        end = False
+        while True:
+            try:
+                data, copies = worker.recall.receive_nowait()
+            except (BlockingIOError, _ipc.ChannelClosed, IPCProtocolError, OSError):
+                break
+            _ipc.close_fds(copies)  # the same connections as the primary's own copies
+            try:
+                listener, seq = _ipc.decode_conn(data)
+            except IPCProtocolError:
+                continue
+            if listener == _ipc.END_OF_CONNS:
+                end = True
+            else:
+                recalled.add(seq)
+        if recalled:
+            kept = collections.deque(b for b in transit.batches if b[0] not in recalled)
+            for seq, listener, fds, _ in transit.batches:
+                if seq in recalled:
+                    transit.fds -= len(fds)
+                    worker.dispatched -= len(fds)
+                    self.moved += len(fds)
+                    self._dispatch_later(fds, listener)
+            transit.batches = kept
+            log.info("recalled %d batches from worker %d", len(recalled), worker.id)
+        if end and restore_end:
+            self._send_end(worker)
+
+    def _send_end(self, worker: WorkerProcess) -> None:
+        """Queue the end marker behind the worker's last batch (from a task if its channel
+        is full)."""
+        marker = _ipc.encode_conn(_ipc.END_OF_CONNS, 0)
+        with contextlib.suppress(_ipc.ChannelClosed, OSError):
+            if worker.conns.offer(marker):
+                return
+            if self._nursery is not None:
+                self._nursery.start_soon(self._send_end_later, worker.conns, marker)
+
+    @staticmethod
+    async def _send_end_later(conns: _ipc.Channel, marker: bytes) -> None:
+        with contextlib.suppress(_ipc.ChannelClosed, OSError, trio.ClosedResourceError):
+            await conns.send(marker)
+
+    async def _watch(self) -> None:
+        """Skip workers that leave a batch unacknowledged past ACK_DEADLINE or whose
+        heartbeat is overdue, and recall what they have not taken."""
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            now = trio.current_time()
+            for worker, transit in list(self._transit.items()):
+                late = bool(transit.batches) and now - transit.batches[0][3] > ACK_DEADLINE
+                silent = now - worker.last_seen > self._beat_overdue and worker in self._dispatcher
+                if late:
+                    self._congested(worker, transit, "acknowledges no connections")
+                elif silent:
+                    self._congested(worker, transit, "sends no heartbeat")

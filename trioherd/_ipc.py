@@ -24,6 +24,7 @@ import array
 import errno
 import json
 import socket
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ import trio
 
 from ._errors import IPCProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FDS = 16
 MAX_PACKET = 256 * 1024
 MAX_MESSAGE = 64 * 1024  # what send_to_primary() accepts: well within a socket buffer
@@ -43,7 +44,6 @@ _NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, Any]] = {
     # primary -> worker
     "init": {"v": int, "id": int, "slot": int, "config": dict},
-    "conn": {"l": int},
     "disconnect": {"grace": _NUMBER},
     "msg": {"data": object},
     # worker -> primary
@@ -51,13 +51,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "boot_error": {"text": str},
     "beat": {"stats": dict},
     "closed": {"n": int},
-    "refuse": {"l": int},
+    "ack": {"s": int},
     "draining": {},
 }
 
 # The shape of a heartbeat's ``stats``. Every key is optional (a missing one counts as 0).
 COUNTERS = ("requests", "bytes_in", "bytes_out")  # cumulative; summed into the herd's totals
-WORKER_COUNTS = ("open", "refused")  # per worker: open connections now, fds handed back
+WORKER_COUNTS = ("open",)  # per worker: open connections now
 STATUS = "status"  # {"2xx": n, ...}: requests by status class; summed into the totals
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -95,6 +95,28 @@ def total_stats(many: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             status[key] = status.get(key, 0) + count
     totals[STATUS] = status
     return totals
+
+
+# The connection channel: a second SOCK_SEQPACKET pair per worker that carries nothing but
+# accepted fds, one packet per batch of up to MAX_FDS, primary -> worker. Its packets are
+# binary: the listener's index and the batch's sequence number, which the worker
+# acknowledges (``ack``, on the control channel) before it reads a byte of them.
+_CONN = struct.Struct("!IQ")
+END_OF_CONNS = 0xFFFFFFFF
+"""The listener index of the packet that tells a draining worker no connection follows."""
+
+
+def encode_conn(listener: int, seq: int) -> bytes:
+    return _CONN.pack(listener, seq)
+
+
+def decode_conn(packet: bytes) -> tuple[int, int]:
+    """(listener index, sequence number); raises IPCProtocolError if malformed."""
+    try:
+        listener, seq = _CONN.unpack(packet)
+    except struct.error:
+        raise IPCProtocolError(f"malformed connection packet {packet[:20]!r}") from None
+    return int(listener), int(seq)
 
 
 def encode(kind: str, **fields: Any) -> bytes:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import socket
 import stat
 from collections.abc import MutableMapping
@@ -152,6 +153,19 @@ def open_listeners(config: Config) -> list[Listener]:
             listener.close()
         raise
     return listeners
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (the default soft
+    limit of 1024 would cap a worker near 1,000 connections, whatever --max-connections
+    says). Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return soft
 
 
 def accept_fd(sock: socket.socket) -> tuple[int | None, bool]:

@@ -43,6 +43,14 @@ def render(herd: Herd) -> str:
         "# HELP trioherd_connections_open Connections open in the workers now.",
         "# TYPE trioherd_connections_open gauge",
         f"trioherd_connections_open {totals['connections']}",
+        "# HELP trioherd_connections_moved_total Connections taken back from a worker that"
+        " could not take them (slow, hung, dead) and passed to another.",
+        "# TYPE trioherd_connections_moved_total counter",
+        f"trioherd_connections_moved_total {herd.handoff.moved}",
+        "# HELP trioherd_connections_dropped_total Connections closed unanswered (only when"
+        " a stopping herd had no worker left for one).",
+        "# TYPE trioherd_connections_dropped_total counter",
+        f"trioherd_connections_dropped_total {herd.handoff.dropped}",
         "# HELP trioherd_workers Worker slots the herd keeps.",
         "# TYPE trioherd_workers gauge",
         f"trioherd_workers {herd.size}",

@@ -109,13 +109,24 @@ def free_indexes(used: list[int], count: int) -> list[int]:
     return [index for index in range(len(taken) + count) if index not in taken][:count]
 
 
+def recycle_threshold(limit: int) -> int:
+    """Requests after which a worker's successor is started: three quarters of its limit,
+    so that the successor is usually ready when the worker reaches it."""
+    return max(1, limit - limit // 4)
+
+
 def should_recycle(requests: int, limit: int, rss_bytes: int, max_memory_mib: int) -> str | None:
-    """The reason to recycle a worker now, or None."""
-    if limit and requests >= limit:
+    """The reason to start replacing a worker now, or None."""
+    if limit and requests >= recycle_threshold(limit):
         return "max-requests"
     if max_memory_mib and rss_bytes > max_memory_mib * 1024 * 1024:
         return "max-memory"
     return None
+
+
+READY_DEATH_BACKOFF_MAX = 1.0
+"""Cap of the respawn back-off after the death of a worker that had become ready: such
+deaths are not an app that cannot boot, and the herd must keep its capacity."""
 
 
 @attrs.frozen
@@ -134,6 +145,8 @@ class ExitFacts:
     """Workers in a row, herd-wide, that died before they were ready (before this one)."""
     slot_failures: int
     """Consecutive failures of this slot (before this one)."""
+    others_ready: int = 1
+    """Other workers of the herd that are ready and serving."""
 
 
 @attrs.frozen
@@ -170,9 +183,15 @@ def after_exit(facts: ExitFacts, config: Config) -> ExitDecision:
             return ExitDecision("give-up", boot_failures=boot_failures)
     failures = 0 if facts.uptime >= config.min_uptime else facts.slot_failures
     failures += 1
+    if not facts.was_ready:  # the app may not boot at all: back off, up to backoff_max
+        delay = backoff_delay(failures, config.backoff_max)
+    elif facts.others_ready:  # it served, then died (killed from outside, or a crash)
+        delay = backoff_delay(failures, min(config.backoff_max, READY_DEATH_BACKOFF_MAX))
+    else:  # and no other worker serves: never leave the herd empty
+        delay = 0.0
     return ExitDecision(
         "respawn",
-        delay=backoff_delay(failures, config.backoff_max),
+        delay=delay,
         cause=facts.killed_for or ("crash" if facts.was_ready else "boot"),
         boot_failures=boot_failures,
         slot_failures=failures,

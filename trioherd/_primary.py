@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -37,6 +38,7 @@ from ._events import EventHub, HerdEvent
 from ._handoff import Handoff
 from ._policy import after_exit, backoff_delay, free_indexes
 from ._process import Slot, WorkerProcess, spawn, worker_env
+from ._recycle import Recycler
 
 log = logging.getLogger("trioherd.primary")
 
@@ -69,6 +71,8 @@ class Herd:
         self._last_boot_error = ""
         self._fatal: WorkerBootError | None = None
         self._rolling = trio.Lock()
+        replace = partial(self._replace, wait=False)  # a slot may recycle again at once
+        self._recycler = Recycler(config, handoff, replace, self._count_respawn)
         self._env = worker_env()
 
     # -- public API --------------------------------------------------------------------
@@ -114,7 +118,7 @@ class Herd:
         if self._stopping:
             await self._stopped.wait()
             return
-        self._stopping = True
+        self._stopping = self._recycler.stopping = True
         self._notify("stopping")
         log.info("stopping: disconnecting %d workers", len(self._workers))
         self.handoff.close()
@@ -128,7 +132,7 @@ class Herd:
     def force_stop(self) -> None:
         """Stop at once: kill every worker."""
         self.forced = True
-        self._stopping = True
+        self._stopping = self._recycler.stopping = True
         for worker in self._workers:
             worker.kill(signal.SIGKILL, "stop at once")
         self._stopped.set()
@@ -171,10 +175,13 @@ class Herd:
             self.reloads += 1
             self._notify("reloading")
             log.info("reloading %d workers", self.size)
+            began = time.monotonic()
             try:
                 for slot in list(self._slots):
-                    if slot.active and not self._stopping:
-                        await self._replace(slot, "reload")
+                    async with slot.lock:  # after a recycle of this slot, if one runs
+                        fresh = slot.worker is not None and slot.worker.started_at > began
+                        if slot.active and not self._stopping and not fresh:
+                            await self._replace(slot, "reload")
             finally:
                 if not self._stopping:
                     self._notify("ready")
@@ -196,6 +203,7 @@ class Herd:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self._recycler.run, lambda: self._workers)
                 await self._boot()
                 if not self._stopping:
                     await nursery.start(self.handoff.run)
@@ -308,22 +316,23 @@ class Herd:
             self.handoff.closed(worker, message["n"])
         elif kind == "beat":
             worker.stats = message["stats"]
-            self._check_recycle(worker)
+            self.handoff.heard_from(worker)
+            self._recycler.check(worker)
         elif kind == "msg":
             self._publish("message", worker, data=message["data"])
         elif kind == "ready":
             if message["v"] != _ipc.PROTOCOL_VERSION:
                 raise IPCProtocolError(f"worker speaks protocol v{message['v']}")
             self._on_ready(worker)
-        elif kind == "refuse":
-            self.handoff.take_back(worker, fds, message["l"])
+        elif kind == "ack":
+            self.handoff.acknowledged(worker, message["s"])
         elif kind == "boot_error":
             worker.boot_error = message["text"]
         elif kind == "draining":  # the worker drains on its own (SIGTERM): let it go
             worker.drained_itself = True
             if worker.state in ("starting", "ready"):
                 worker.state = "disconnecting"
-                self.handoff.withdraw(worker)
+                self.handoff.finish(worker)
                 self._publish("disconnect", worker)
                 self._tasks.start_soon(worker.tell_disconnect, self.config.graceful_timeout)
         else:
@@ -338,7 +347,7 @@ class Herd:
             exc,
         )
         self.handoff.withdraw(worker)
-        self._recycle(worker, "protocol error")
+        self._recycler.recycle(worker, "protocol error")
 
     def _on_ready(self, worker: WorkerProcess) -> None:
         if worker.ready_at is not None:
@@ -356,7 +365,7 @@ class Herd:
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         worker.record_exit()
-        self.handoff.withdraw(worker)
+        self.handoff.gone(worker)
         if worker in self._workers:
             self._workers.remove(worker)
         self._exited_totals = _ipc.total_stats([self._exited_totals, worker.stats])
@@ -375,7 +384,8 @@ class Herd:
             or not slot.active
             or self._tasks.cancel_scope.cancel_called
         )
-        facts = worker.exit_facts(wanted, self._boot_failures)
+        others = sum(1 for w in self._workers if w.state == "ready")
+        facts = worker.exit_facts(wanted, self._boot_failures, others)
         decision = after_exit(facts, self.config)
         self._boot_failures = decision.boot_failures
         if not facts.was_ready and (decision.penalised or decision.action == "give-up"):
@@ -411,10 +421,11 @@ class Herd:
 
     # -- replacement: reload, recycling -----------------------------------------------
 
-    async def _replace(self, slot: Slot, reason: str) -> bool:
-        """Start a worker for ``slot``, wait until it is ready, then disconnect the old one.
-        True if the replacement took over; False if a stop or scale-down made it moot.
-        Raises ReloadError if it could not start or become ready."""
+    async def _replace(self, slot: Slot, reason: str, wait: bool = True) -> bool:
+        """Start a worker for ``slot``, wait until it is ready, then disconnect the old one
+        (and wait until it exited, if ``wait``). True if the replacement took over; False
+        if a stop or scale-down made it moot. Raises ReloadError if it could not start or
+        become ready."""
         try:
             new = self._spawn(slot, replacing=True)
         except OSError as exc:
@@ -442,34 +453,11 @@ class Herd:
         slot.worker = new
         slot.failures = 0
         if previous is not None and previous.state != "exited":
-            await self._disconnect(previous, reason)
+            if wait:
+                await self._disconnect(previous, reason)
+            else:
+                self._tasks.start_soon(self._disconnect, previous, reason)
         return True
-
-    def _check_recycle(self, worker: WorkerProcess) -> None:
-        reason = worker.recycle_reason(self.config.max_memory)
-        if reason is not None and not self._stopping and not self._rolling.locked():
-            self._recycle(worker, reason)
-
-    def _recycle(self, worker: WorkerProcess, reason: str) -> None:
-        if worker.recycling:
-            return
-        worker.recycling = reason
-        self._tasks.start_soon(self._recycle_task, worker, reason)
-
-    async def _recycle_task(self, worker: WorkerProcess, reason: str) -> None:
-        async with self._rolling:
-            if worker.state == "exited" or self._stopping or worker.slot.worker is not worker:
-                return
-            log.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
-            try:
-                if await self._replace(worker.slot, reason):
-                    self._count_respawn(reason)
-            except ReloadError:
-                if reason == "protocol error":
-                    worker.kill(signal.SIGKILL)
-                    return
-                worker.recycling = None
-                worker.recycle_after = trio.current_time() + max(1.0, self.config.backoff_max)
 
     async def _disconnect(self, worker: WorkerProcess, reason: str) -> None:
         """Graceful disconnect: no more connections, finish in-flight work within
@@ -480,7 +468,7 @@ class Herd:
         tell = worker.state != "disconnecting"
         if tell:
             worker.state = "disconnecting"
-            self.handoff.withdraw(worker)
+            self.handoff.finish(worker)
             self._publish("disconnect", worker)
             log.debug("disconnecting worker %d (pid %d): %s", worker.id, worker.pid, reason)
         await worker.disconnect(self.config.graceful_timeout, tell)

@@ -49,6 +49,8 @@ class Slot:
     failures: int = 0
     active: bool = True
     backoff_until: float | None = None
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    """Held while the slot's worker is being replaced (reload, recycle)."""
 
 
 @attrs.define(eq=False)
@@ -60,6 +62,11 @@ class WorkerProcess:
     pid: int
     process: subprocess.Popen[bytes] = attrs.field(repr=False)
     channel: _ipc.Channel = attrs.field(repr=False)
+    conns: _ipc.Channel = attrs.field(repr=False)
+    """The connection channel's sending end (fds to the worker)."""
+    recall: _ipc.Channel = attrs.field(repr=False)
+    """The primary's copy of the connection channel's receiving end: whatever the primary
+    takes out of it, the worker never sees (the kernel hands each packet to one reader)."""
     state: str = "starting"  # starting, ready, disconnecting, exited
     started_at: float = attrs.field(factory=time.monotonic)
     ready_at: float | None = None
@@ -219,9 +226,18 @@ class WorkerProcess:
         rss = self.rss() if max_memory else 0
         return should_recycle(self.requests, self.request_limit, rss, max_memory)
 
-    def exit_facts(self, successor_wanted: bool, boot_failures: int) -> ExitFacts:
+    def over_limit(self, max_memory: int) -> bool:
+        """It served its max-requests or grew past max-memory (MiB)."""
+        if self.request_limit and self.requests >= self.request_limit:
+            return True
+        return bool(max_memory) and self.rss() > max_memory * 1024 * 1024
+
+    def exit_facts(
+        self, successor_wanted: bool, boot_failures: int, others_ready: int
+    ) -> ExitFacts:
         """What the policy needs to know about this worker's exit."""
         return ExitFacts(
+            others_ready=others_ready,
             successor_wanted=successor_wanted,
             drained_itself=self.drained_itself,
             was_ready=self.ready_at is not None,
@@ -302,7 +318,10 @@ def spawn(
         config=config.to_wire(),
     )
     primary_end, worker_end = _ipc.channel_pair()
+    conns_end, conns_worker_end = _ipc.channel_pair()
+    ends = [primary_end, conns_end]
     try:
+        ends.append(conns_worker_end.dup())
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -310,22 +329,26 @@ def spawn(
                 _WORKER_COMMAND,
                 "--fd",
                 str(worker_end.fileno()),
+                "--conn-fd",
+                str(conns_worker_end.fileno()),
                 "--ppid",
                 str(os.getpid()),
             ],
-            pass_fds=[worker_end.fileno()],
+            pass_fds=[worker_end.fileno(), conns_worker_end.fileno()],
             start_new_session=True,
             env=env,
         )
     except BaseException:
-        primary_end.close()
+        for end in ends:
+            end.close()
         raise
     finally:
         worker_end.close()
-    channel = _ipc.Channel(primary_end)
+        conns_worker_end.close()
+    channel, conns, recall = (_ipc.Channel(end) for end in ends)
     fds = [listener.sock.fileno() for listener in listeners] if shared else []
     channel.try_send(init, fds)  # a fresh socket pair has room for it
-    worker = WorkerProcess(worker_id, slot, process.pid, process, channel)
+    worker = WorkerProcess(worker_id, slot, process.pid, process, channel, conns, recall)
     worker.shared = shared
     worker.request_limit = limit
     worker.last_seen = trio.current_time()
@@ -338,7 +361,7 @@ def _handle_packet(
     """Decode one packet and give it to ``handle``; its fds are closed if it is malformed."""
     try:
         message = _ipc.decode(data)
-        if fds and message["t"] != "refuse":
+        if fds:
             raise IPCProtocolError(f"fds attached to {message['t']!r}")
         handle(message, fds)
     except IPCProtocolError:

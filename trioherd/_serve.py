@@ -20,7 +20,7 @@ from ._config import Config
 from ._control import start_control_server
 from ._errors import ReloadError, StoppedBeforeReady, WorkerBootError
 from ._handoff import Handoff
-from ._listeners import open_listeners
+from ._listeners import open_listeners, raise_open_files_limit
 from ._metrics import serve_metrics
 from ._primary import Herd
 from ._systemd import Notifier
@@ -39,6 +39,7 @@ async def serve(
     :class:`Herd` once every worker is ready. Raises WorkerBootError if workers keep dying
     before they become ready, ConfigError for a bad listener."""
     _tls.check(config)
+    raise_open_files_limit()  # workers inherit it
     listeners = open_listeners(config)
     herd = Herd(config, Handoff(listeners, config))
     herd.on_state_change = Notifier(os.environ.get("NOTIFY_SOCKET"))

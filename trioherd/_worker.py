@@ -1,22 +1,25 @@
 """The worker process, started as ``python -c "import trioherd._worker as w; w.main()" --fd N
---ppid P`` (not ``-m``, which would run this module a second time as ``__main__`` and give
-the app a different ``current_worker()``).
+--conn-fd M --ppid P`` (not ``-m``, which would run this module a second time as
+``__main__`` and give the app a different ``current_worker()``).
 
 Boot: set PR_SET_PDEATHSIG, read the init message (config, id) from the channel, import
 the app (a failure is reported to the primary as ``boot_error`` with the traceback, then
 exit 3), run ASGI lifespan startup, then say ``ready``.
 
-Serve: every ``conn`` message brings up to 16 accepted fds; each becomes a connection task
-in the connection nursery, over a raw non-blocking socket for plain HTTP (TCP_NODELAY comes
-from the listening socket), a trio SocketStream for TLS and stream handlers. With the
-``shared`` policy the worker accepts on the listening sockets it was given instead.
-Heartbeats with counters go to the primary from this event loop, so a blocked loop stops
-them; closed connections are reported in small batches for least-busy dispatch.
+Serve: every packet of the connection channel brings up to 16 accepted fds; the worker
+acknowledges what it took (``ack``, on the control channel) before it reads a byte of
+them, then each becomes a connection task in the connection nursery, over a raw
+non-blocking socket for plain HTTP (TCP_NODELAY comes from the listening socket), a trio
+SocketStream for TLS and stream handlers. With the ``shared`` policy the worker accepts on
+the listening sockets it was given instead. Heartbeats with counters go to the primary
+from this event loop, so a blocked loop stops them; closed connections are reported in
+small batches for least-busy dispatch.
 
-Drain: on ``disconnect`` (or EOF on the channel: the primary died), stop taking
-connections (fds that still arrive are sent back, ``refuse``), let in-flight requests
-finish, close idle keep-alive connections after a short grace, and cancel whatever is
-left when ``graceful_timeout`` runs out. Then ASGI lifespan shutdown and exit 0.
+Drain: on ``disconnect``, or SIGTERM (then the worker says ``draining`` first), or EOF on
+the channel (the primary died): responses carry ``Connection: close``, idle keep-alive
+connections close after a short grace, connections still queued for this worker are
+served until the primary's end marker, and whatever is left when the grace runs out is
+cancelled. Then ASGI lifespan shutdown and exit 0.
 """
 
 from __future__ import annotations
@@ -44,13 +47,13 @@ from ._http import Adapter, HTTPConnection, ServerState
 from ._listeners import accept_fd
 from ._log import setup_logging
 from ._native import NativeAdapter
+from ._policy import recycle_threshold
 from ._rawstream import RawSocketStream
 
 log = logging.getLogger("trioherd.worker")
 
 EXIT_BOOT_ERROR = 3
 PRIMARY_GONE_GRACE = 1.0
-ACK_TIMEOUT = 5.0
 CLOSED_REPORT_INTERVAL = 0.002
 
 Handler = Callable[[socket.socket], Awaitable[None]]
@@ -107,8 +110,15 @@ def _set_parent_death_signal(expected_parent: int) -> None:
 
 
 class Worker:
-    def __init__(self, channel: _ipc.Channel, init: dict[str, Any], fds: list[int]) -> None:
+    def __init__(
+        self,
+        channel: _ipc.Channel,
+        conns: _ipc.Channel,
+        init: dict[str, Any],
+        fds: list[int],
+    ) -> None:
         self.channel = channel
+        self.conns = conns
         self.config = Config.from_wire(init["config"])
         self.info = WorkerInfo(id=init["id"], slot=init["slot"], pid=os.getpid())
         self.state = ServerState(self.config, self.info.id)
@@ -125,23 +135,26 @@ class Worker:
         self.draining = False
         self.drain_deadline = 0.0
         self.drain_started = trio.Event()
-        self.acked = trio.Event()
-        self.refused = 0
+        self.conns_done = trio.Event()  # the end marker came: no connection follows
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
         self.handler: Handler | None = None
         self.ssl_context: Any = None
         self.conn_nursery: trio.Nursery | None = None
         self.early: list[tuple[bytes, list[int]]] = []
-        # past this many requests the primary recycles us: tell it at once, not at the
-        # next heartbeat
+        # near and at this many requests the primary recycles us: tell it at once, not at
+        # the next heartbeat
         self.request_limit = int(init.get("limit", 0))
         self.beat_now = trio.Event()
         if self.request_limit:
             self.state.on_request = self._check_limit
 
     def _check_limit(self) -> None:
-        if self.state.stats.requests == self.request_limit:
-            self.beat_now.set()
+        served = self.state.stats.requests
+        if served == recycle_threshold(self.request_limit):
+            self.beat_now.set()  # the primary starts our successor
+        if served == self.request_limit:
+            self.beat_now.set()  # the primary sends us no more connections
+            self.state.start_draining()  # and open ones get Connection: close
 
     # -- boot ------------------------------------------------------------------------
 
@@ -201,7 +214,6 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         stats = self.state.stats.snapshot()
         stats["open"] = self.open
-        stats["refused"] = self.refused
         return stats
 
     async def heartbeat(self) -> None:
@@ -230,36 +242,71 @@ class Worker:
 
     # -- the channel -------------------------------------------------------------------
 
+    async def read_conns(self) -> None:
+        """Take the connections the primary passes until its end marker (or its end)."""
+        try:
+            while True:
+                try:
+                    batch = await self.conns.receive_batch()
+                except (_ipc.ChannelClosed, IPCProtocolError) as exc:
+                    if not isinstance(exc, _ipc.ChannelClosed):
+                        log.error("bad connection packet from the primary: %s", exc)
+                    return
+                if await self.take(batch):
+                    return
+        finally:
+            self.conns_done.set()
+
+    async def take(self, batch: list[tuple[bytes, list[int]]]) -> bool:
+        """Acknowledge a batch of connection packets, then start serving them. True if
+        the end marker was among them."""
+        taken: list[tuple[int, int]] = []
+        last = 0
+        end = False
+        try:
+            for data, fds in batch:
+                try:
+                    listener, seq = _ipc.decode_conn(data)
+                except IPCProtocolError as exc:
+                    log.error("%s", exc)
+                    _ipc.close_fds(fds)
+                    continue
+                if listener == _ipc.END_OF_CONNS:
+                    end = True
+                    _ipc.close_fds(fds)
+                    continue
+                family = self.families[listener % len(self.families)]
+                taken.extend((fd, family) for fd in fds)
+                last = max(last, seq)
+            if last:  # before a byte is read: the primary keeps its copies until then
+                with contextlib.suppress(_ipc.ChannelClosed, OSError):
+                    await self.channel.send(_ipc.encode("ack", s=last))
+        except BaseException:
+            _ipc.close_fds([fd for fd, _ in taken])
+            raise
+        for fd, family in taken:
+            self.start_connection(fd, family)
+        return end
+
     async def read_channel(self) -> None:
-        """Handle messages from the primary until it says disconnect or goes away."""
+        """Handle messages from the primary until it goes away."""
         channel = self.channel
         while True:
             try:
                 batch, self.early = self.early or await channel.receive_batch(), []
             except _ipc.ChannelClosed:
                 log.warning("primary went away; stopping")
-                self.acked.set()
                 await self.begin_drain()
                 return
             for data, fds in batch:
+                _ipc.close_fds(fds)  # only the connection channel carries fds
                 try:
                     message = _ipc.decode(data)
                 except IPCProtocolError as exc:
-                    _ipc.close_fds(fds)
                     log.error("bad message from primary: %s", exc)
                     continue
                 kind = message["t"]
-                if kind == "conn":
-                    if self.draining:
-                        await self.refuse(fds, message["l"])
-                    else:
-                        family = self.families[message["l"] % len(self.families)]
-                        for fd in fds:
-                            self.start_connection(fd, family)
-                    continue
-                _ipc.close_fds(fds)
                 if kind == "disconnect":
-                    self.acked.set()  # no connection comes after it
                     await self.begin_drain(float(message["grace"]))
                 elif kind == "msg":
                     try:
@@ -267,28 +314,12 @@ class Worker:
                     except trio.WouldBlock:
                         log.warning("inbox full: dropped a message from the primary")
 
-    async def refuse(self, fds: list[int], listener: int) -> None:
-        """Hand fds back to the primary for another worker; never drop them."""
-        self.refused += len(fds)
-        try:
-            await self.channel.send(_ipc.encode("refuse", l=listener), fds)
-        except _ipc.ChannelClosed:
-            pass
-        finally:
-            _ipc.close_fds(fds)
-
     async def begin_drain(self, grace: float | None = None, announce: bool = False) -> None:
-        """Stop taking connections and finish the open ones within ``grace``.
-        ``announce``: the drain is our own idea (SIGTERM), so tell the primary, which
-        stops dispatching to us and answers with a disconnect; fds it sent before that
-        are handed back (refused), none is left behind in the channel."""
+        """Finish the open connections, and the ones still queued for us, within
+        ``grace``. ``announce``: the drain is our own idea (SIGTERM), so tell the
+        primary, which stops passing connections and queues its end marker."""
         if self.draining:
             return
-        if announce:
-            with contextlib.suppress(_ipc.ChannelClosed, OSError):
-                await self.channel.send(_ipc.encode("draining"))
-        else:
-            self.acked.set()
         self.draining = True
         self.grace = PRIMARY_GONE_GRACE if grace is None else grace
         self.drain_deadline = trio.current_time() + self.grace
@@ -297,6 +328,9 @@ class Worker:
             trio.lowlevel.notify_closing(listener)
             listener.close()
         self.drain_started.set()
+        if announce:
+            with contextlib.suppress(_ipc.ChannelClosed, OSError):
+                await self.channel.send(_ipc.encode("draining"))
 
     async def serve(
         self,
@@ -310,8 +344,11 @@ class Worker:
                 self.conn_nursery = conns
                 for listener in self.listeners:
                     conns.start_soon(self._accept_guarded, listener)
+                # in the connection nursery: once the drain's deadline cancels it, no batch
+                # is taken any more, and what is still queued goes back to the primary
+                conns.start_soon(self.read_conns)
                 root.start_soon(self.heartbeat)
-                root.start_soon(self.drain_on_sigterm)
+                await root.start(self.drain_on_sigterm)
                 root.start_soon(self.report_closed)
                 root.start_soon(self.state.sweep)
                 await ready()
@@ -327,10 +364,13 @@ class Worker:
                 await drained()
             root.cancel_scope.cancel()
 
-    async def drain_on_sigterm(self) -> None:
+    async def drain_on_sigterm(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """SIGTERM sent to a worker (by a person, or a tool): drain gracefully, like a
         disconnect. The primary escalates to SIGKILL if that takes too long."""
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            task_status.started()  # before ready: a SIGTERM right after it must not kill
             async for _ in signals:
                 log.info("SIGTERM: draining")
                 await self.begin_drain(self.config.graceful_timeout, announce=True)
@@ -346,12 +386,11 @@ class Worker:
         async with trio.open_nursery() as inner:
             inner.start_soon(self.read_channel)
             await self.drain_started.wait()
-            conns.cancel_scope.deadline = trio.current_time() + self.grace
-            await self.idle.wait()
+            conns.cancel_scope.deadline = self.drain_deadline
+            with trio.move_on_at(self.drain_deadline):
+                await self.conns_done.wait()  # serve what was queued for us, then
+                await self.idle.wait()  # finish what is open
             conns.cancel_scope.cancel()
-            # keep reading (refusing late fds) until the primary has seen us go
-            with trio.move_on_after(ACK_TIMEOUT):
-                await self.acked.wait()
             inner.cancel_scope.cancel()
 
 
@@ -382,9 +421,10 @@ def _boot_failed(channel: _ipc.Channel, text: str) -> NoReturn:
     os._exit(EXIT_BOOT_ERROR)
 
 
-async def _main(fd: int) -> None:
+async def _main(fd: int, conn_fd: int) -> None:
     global _current
     channel = _ipc.Channel(socket.socket(fileno=fd))
+    conns = _ipc.Channel(socket.socket(fileno=conn_fd))
     try:
         batch = await channel.receive_batch()
         init = _ipc.decode(batch[0][0])
@@ -394,7 +434,7 @@ async def _main(fd: int) -> None:
     except (_ipc.ChannelClosed, IPCProtocolError) as exc:
         sys.stderr.write(f"trioherd worker: no valid init from the primary: {exc}\n")
         os._exit(1)
-    worker = Worker(channel, init, fds)
+    worker = Worker(channel, conns, init, fds)
     worker.early = batch[1:]  # e.g. a disconnect sent right after the init
     _current = worker
     setup_logging(worker.config.log_level, f"w{worker.info.id}")
@@ -431,6 +471,7 @@ async def _main(fd: int) -> None:
         await worker.serve(ready, shutdown if lifespan is not None else None)
         nursery.cancel_scope.cancel()
     channel.close()
+    conns.close()
 
 
 def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
@@ -519,8 +560,9 @@ def _plain_handler(state: ServerState, adapter: Adapter) -> Handler:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trioherd._worker")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--ppid", type=int, required=True)
     args = parser.parse_args(argv)
     _set_parent_death_signal(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the primary's to handle
-    trio.run(_main, args.fd)
+    trio.run(_main, args.fd, args.conn_fd)

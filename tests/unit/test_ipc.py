@@ -17,14 +17,13 @@ from trioherd._errors import IPCProtocolError
 def test_round_trip_of_every_message_type() -> None:
     samples = {
         "init": {"v": 1, "id": 3, "slot": 0, "config": {"workers": 2}},
-        "conn": {"l": 0},
         "disconnect": {"grace": 2.5},
         "msg": {"data": {"any": ["json", 1]}},
         "ready": {"v": 1, "pid": 42},
         "boot_error": {"text": "Traceback ..."},
         "beat": {"stats": {"requests": 5}},
         "closed": {"n": 7},
-        "refuse": {"l": 0},
+        "ack": {"s": 12},
         "draining": {},
     }
     assert set(samples) == set(_ipc.SCHEMA)
@@ -86,7 +85,7 @@ def full_stats() -> dict[str, object]:
 
 def test_the_stats_shape_is_what_a_worker_sends() -> None:
     assert _ipc.COUNTERS == ("requests", "bytes_in", "bytes_out")
-    assert _ipc.WORKER_COUNTS == ("open", "refused")
+    assert _ipc.WORKER_COUNTS == ("open",)
     assert _ipc.STATUS == "status"
     assert _ipc.STATUS_CLASSES == ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -139,7 +138,7 @@ def test_check_stats_error_is_short() -> None:
 
 def test_total_stats_sums_counters_and_status_classes() -> None:
     assert _ipc.total_stats([]) == {"requests": 0, "bytes_in": 0, "bytes_out": 0, "status": {}}
-    first = {"requests": 2, "bytes_in": 10, "open": 4, "refused": 1, "status": {"2xx": 2}}
+    first = {"requests": 2, "bytes_in": 10, "open": 4, "status": {"2xx": 2}}
     second = {"requests": 3, "bytes_out": 7, "status": {"2xx": 1, "4xx": 2}}
     totals = _ipc.total_stats([first, {}, second])
     assert totals == {
@@ -162,9 +161,9 @@ async def test_fds_ride_with_their_message_and_no_fd_leaks() -> None:
     sender, receiver = _ipc.Channel(left), _ipc.Channel(right)
     pairs = [socket.socketpair() for _ in range(_ipc.MAX_FDS)]
     before = open_fd_count()
-    await sender.send(_ipc.encode("conn", l=0), [a.fileno() for a, _ in pairs])
+    await sender.send(_ipc.encode_conn(1, 7), [a.fileno() for a, _ in pairs])
     ((data, fds),) = await receiver.receive_batch()
-    assert _ipc.decode(data) == {"t": "conn", "l": 0}
+    assert _ipc.decode_conn(data) == (1, 7)
     assert len(fds) == _ipc.MAX_FDS
     # each received fd is the same connection: what goes in one end comes out the other
     for (a, b), fd in zip(pairs, fds, strict=True):
@@ -205,3 +204,12 @@ def _fd_array(fds: list[int]) -> object:
     import array
 
     return array.array("i", fds)
+
+
+def test_connection_packets_carry_listener_and_sequence() -> None:
+    assert _ipc.decode_conn(_ipc.encode_conn(3, 2**40)) == (3, 2**40)
+    end, _ = _ipc.decode_conn(_ipc.encode_conn(_ipc.END_OF_CONNS, 0))
+    assert end == _ipc.END_OF_CONNS
+    for bad in (b"", b"short", b'{"t":"conn","l":0}'):
+        with pytest.raises(IPCProtocolError):
+            _ipc.decode_conn(bad)

@@ -90,8 +90,10 @@ def test_request_limit_jitter_stays_in_range() -> None:
 
 
 def test_should_recycle() -> None:
-    assert should_recycle(49, 50, 0, 0) is None
-    assert should_recycle(50, 50, 0, 0) == "max-requests"
+    # the successor starts at three quarters of the limit, ready before the limit
+    assert should_recycle(37, 50, 0, 0) is None
+    assert should_recycle(38, 50, 0, 0) == "max-requests"
+    assert should_recycle(1, 1, 0, 0) == "max-requests"
     assert should_recycle(10, 0, 200 * 1024 * 1024, 100) == "max-memory"
     assert should_recycle(10, 0, 50 * 1024 * 1024, 100) is None
 
@@ -127,16 +129,35 @@ def test_a_worker_sigtermed_from_outside_is_replaced_at_once_without_penalty() -
     assert decision.slot_failures == 3
 
 
-def test_crashes_back_off_doubling_and_a_long_life_resets_the_back_off() -> None:
+def test_boot_deaths_back_off_doubling_up_to_backoff_max() -> None:
     delays = []
     failures = 0
-    for _ in range(4):
+    for _ in range(6):
+        decision = _decide(_facts(slot_failures=failures, was_ready=False))
+        assert decision.action == "respawn" and decision.cause == "boot" and decision.penalised
+        delays.append(decision.delay)
+        failures = decision.slot_failures
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
+
+
+def test_deaths_of_serving_workers_back_off_at_most_a_second() -> None:
+    delays = []
+    failures = 0
+    for _ in range(6):
         decision = _decide(_facts(slot_failures=failures))
         assert decision.action == "respawn" and decision.cause == "crash" and decision.penalised
         delays.append(decision.delay)
         failures = decision.slot_failures
-    assert delays == [0.1, 0.2, 0.4, 0.8]
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    # a long life resets the back-off
     assert _decide(_facts(slot_failures=failures, uptime=10.0)).delay == 0.1
+
+
+def test_the_last_serving_worker_dying_is_replaced_at_once() -> None:
+    decision = _decide(_facts(slot_failures=8, others_ready=0))
+    assert (decision.action, decision.delay) == ("respawn", 0.0)
+    # but an app that cannot boot still backs off, herd empty or not
+    assert _decide(_facts(slot_failures=3, others_ready=0, was_ready=False)).delay == 0.8
 
 
 def test_the_cause_is_the_reason_trioherd_killed_it() -> None:
