@@ -8,7 +8,7 @@
 #   DURATION=2 SERVERS="trioherd bare" MODES="ka2" bash bench/run.sh
 #
 # Environment: DURATION (s per wrk run, 1..600), ROUNDS (1..50), SERVERS (subset of
-# "trioherd hypercorn uvicorn bare"), MODES (subset of "ka2 close2 pinned1"),
+# "trioherd hypercorn uvicorn bare granian uvicorn-httptools"), MODES (subset of "ka2 close2 pinned1"),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
 set -euo pipefail
@@ -34,7 +34,8 @@ is_int_in() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= $2 && $1 <= $3 )); }
 is_int_in "$DURATION" 1 600 || die "DURATION must be an integer number of seconds, 1..600"
 is_int_in "$ROUNDS" 1 50 || die "ROUNDS must be an integer, 1..50"
 for s in $SERVERS; do
-    [[ $s =~ ^(trioherd|hypercorn|uvicorn|bare)$ ]] || die "unknown server in SERVERS: $s"
+    [[ $s =~ ^(trioherd|hypercorn|uvicorn|bare|granian|uvicorn-httptools)$ ]] \
+        || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
     [[ $m =~ ^(ka2|close2|pinned1)$ ]] || die "unknown mode in MODES: $m"
@@ -167,8 +168,7 @@ ensure_wrk() {
     command -v curl >/dev/null 2>&1 || die "curl is needed"
 }
 
-HAVE_HYPERCORN=0
-HAVE_UVICORN=0
+declare -A HAVE=()  # peers installed in the venv
 SKIPPED_NOTES=()
 
 setup_venv() {
@@ -189,26 +189,32 @@ setup_venv() {
         fi
     fi
     "$PY" -c 'import trio, h11' 2>/dev/null || die "trio/h11 not importable in $VENV"
-    local peer mod
-    for peer in hypercorn uvicorn; do
+    # peer: the pip packages it needs, and a module to import that proves them there
+    declare -A PACKAGES=([hypercorn]="hypercorn" [uvicorn]="uvicorn"
+        [granian]="granian" [uvicorn-httptools]="uvicorn httptools uvloop")
+    declare -A PROBE=([hypercorn]="hypercorn" [uvicorn]="uvicorn" [granian]="granian"
+        [uvicorn-httptools]="uvicorn, httptools, uvloop")
+    local peer
+    for peer in hypercorn uvicorn granian uvicorn-httptools; do
         [[ " $SERVERS " == *" $peer "* ]] || continue
-        mod=$peer
-        if [[ -n ${BENCH_REINSTALL:-} ]] || ! "$PY" -c "import $mod" 2>/dev/null; then
-            log "pip install $peer"
-            if ! "${pip[@]}" "$peer" >"$LOGDIR/pip-$peer.log" 2>&1; then
+        if [[ -n ${BENCH_REINSTALL:-} ]] || ! "$PY" -c "import ${PROBE[$peer]}" 2>/dev/null; then
+            log "pip install ${PACKAGES[$peer]}"
+            # shellcheck disable=SC2086 # a list of packages
+            if ! "${pip[@]}" ${PACKAGES[$peer]} >"$LOGDIR/pip-$peer.log" 2>&1; then
                 log "WARNING: pip install $peer failed: skipping $peer (see $LOGDIR/pip-$peer.log)"
                 SKIPPED_NOTES+=("$peer: pip install failed, skipped")
                 continue
             fi
         fi
-        if [[ $peer == hypercorn ]]; then HAVE_HYPERCORN=1; else HAVE_UVICORN=1; fi
+        HAVE[$peer]=1
     done
 }
 
 # ---------------------------------------------------------------- one measurement
 
 declare -A SERVER_LABELS=([trioherd]="trioherd" [hypercorn]="hypercorn -k trio"
-    [uvicorn]="uvicorn --http h11 (+TCP_NODELAY)" [bare]="bare trio+h11")
+    [uvicorn]="uvicorn --http h11 (+TCP_NODELAY)" [bare]="bare trio+h11"
+    [granian]="granian (Rust)" [uvicorn-httptools]="uvicorn --http httptools, uvloop (+TCP_NODELAY)")
 
 # Sets CMD to the command line of server NAME with WORKERS workers on PORT.
 server_cmd() {
@@ -223,6 +229,13 @@ server_cmd() {
                       bench.hello_app:app) ;;
         bare) CMD=("$PY" "$BENCH_DIR/bare_trio_h11.py" --workers "$workers" --host 127.0.0.1
                    --port "$port") ;;
+        granian) CMD=("$VENV/bin/granian" --interface asgi --workers "$workers"
+                      --host 127.0.0.1 --port "$port" --no-ws --log-level warning
+                      bench.hello_app:app) ;;
+        uvicorn-httptools) CMD=("$PY" "$BENCH_DIR/uvicorn_nodelay.py" --http httptools
+                                --loop uvloop --workers "$workers" --host 127.0.0.1
+                                --port "$port" --no-access-log --log-level warning
+                                bench.hello_app:app) ;;
     esac
 }
 
@@ -242,7 +255,7 @@ run_one() {
     esac
     local tag="r$round-$mode-$server"
     local slog="$LOGDIR/$tag.server.log" wlog="$LOGDIR/$tag.wrk.txt"
-    if [[ $server == hypercorn && $HAVE_HYPERCORN == 0 ]] || [[ $server == uvicorn && $HAVE_UVICORN == 0 ]]; then
+    if [[ $server != trioherd && $server != bare && -z ${HAVE[$server]:-} ]]; then
         record "$round" "$mode" "$server" skipped "" "" "" "" "" "" "" "not installed"
         return 0
     fi
@@ -353,7 +366,7 @@ fi
 read -r -a server_list <<<"$SERVERS"
 read -r -a mode_list <<<"$MODES"
 log "logs in $LOGDIR; DURATION=${DURATION}s ROUNDS=$ROUNDS servers: $SERVERS; modes: $MODES"
-[[ $HAVE_UVICORN == 1 ]] && log "note: uvicorn runs through bench/uvicorn_nodelay.py, which sets TCP_NODELAY on accepted sockets (its --workers mode leaves it off: ~1,400 req/s keep-alive otherwise)"
+[[ -n ${HAVE[uvicorn]:-}${HAVE[uvicorn-httptools]:-} ]] && log "note: uvicorn runs through bench/uvicorn_nodelay.py, which sets TCP_NODELAY on accepted sockets (its --workers mode leaves it off: ~1,400 req/s keep-alive otherwise)"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
@@ -372,7 +385,7 @@ done
 versions=$("$PY" - <<'PY'
 from importlib.metadata import PackageNotFoundError, version
 out = []
-for name in ("trioherd", "trio", "h11", "hypercorn", "uvicorn"):
+for name in ("trioherd", "trio", "h11", "hypercorn", "uvicorn", "granian", "httptools"):
     try:
         out.append(f"{name} {version(name)}")
     except PackageNotFoundError:
@@ -400,6 +413,8 @@ labels = {
     "hypercorn": "hypercorn -k trio",
     "uvicorn": "uvicorn --http h11 (+TCP_NODELAY)",
     "bare": "bare trio+h11 (no ASGI)",
+    "granian": "granian (Rust)",
+    "uvicorn-httptools": "uvicorn --http httptools, uvloop (+TCP_NODELAY)",
 }
 mode_labels = {
     "ka2": "2 workers, keep-alive",
