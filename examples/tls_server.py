@@ -1,6 +1,6 @@
 """An HTTPS server on trioherd: TLS terminated in the workers.
 
-    python examples/tls_server.py                    # throwaway CA + certificate (trustme)
+    python examples/tls_server.py                    # throwaway CA + certificate (needs trustme)
     python examples/tls_server.py --bind 0.0.0.0:8443 --certfile cert.pem --keyfile key.pem
 
 With no certificate given it makes a local CA and a certificate for 127.0.0.1, localhost
@@ -81,6 +81,14 @@ async def serve(
             print(f"  {curl_command(url, ca)}", flush=True)
 
 
+def _have_trustme() -> bool:
+    try:
+        import trustme  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bind", default="127.0.0.1:8443", help="HOST:PORT (0: any free port)")
@@ -91,6 +99,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.keyfile and not args.certfile:
         parser.error("--keyfile needs --certfile")
+    if not args.certfile and not _have_trustme():
+        print(
+            "tls_server: without --certfile/--keyfile a throwaway certificate is made with "
+            "trustme: pip install trustme",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     try:
         if args.certfile:
             trio.run(serve, args, args.certfile, args.keyfile, None)

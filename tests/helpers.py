@@ -22,6 +22,8 @@ from typing import Any
 import trio
 
 import trioherd
+from trioherd import testing
+from trioherd._control import control_dir
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -80,16 +82,25 @@ def herd_config(**options: Any) -> trioherd.Config:
 
 @asynccontextmanager
 async def open_herd(**options: Any) -> AsyncIterator[trioherd.Herd]:
-    """A herd whose primary runs in this test's Trio run; stopped gracefully at the end."""
-    config = herd_config(**options)
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(60):
-            herd: trioherd.Herd = await nursery.start(trioherd.serve, config)
-        try:
+    """A herd whose primary runs in this test's Trio run (``trioherd.testing.open_herd``,
+    which also checks that none of its workers outlives it), with the suite's defaults:
+    2 workers, debug logs, a 5 s graceful timeout, and its control socket in this
+    session's runtime directory, where the leak fixture looks for leftovers."""
+    defaults: dict[str, Any] = {
+        "workers": 2,
+        "name": unique_name(),
+        "graceful_timeout": 5.0,
+        "log_level": "debug",
+        "control_dir": control_dir(),
+    }
+    defaults.update(options)
+    app = defaults.pop("app", None)
+    try:
+        async with testing.open_herd(app, **defaults) as herd:
             yield herd
-        finally:
-            with trio.CancelScope(shield=True), trio.fail_after(60):
-                await herd.stop()
+    except (trioherd.WorkerBootError, trioherd.StoppedBeforeReady) as exc:
+        # tests written when this helper was a bare nursery expect these in a group
+        raise ExceptionGroup("the herd did not start", [exc]) from None
 
 
 def address_of(herd: trioherd.Herd) -> tuple[str, int]:

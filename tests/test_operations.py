@@ -147,7 +147,8 @@ def test_scale_with_the_cli_and_with_signals(cli_herd: Any, tmp_path: Path) -> N
     assert wait_until(lambda: len(status_of(herd)["workers"]) == 2, 30)
     herd.control("scale", "3")
     assert ready_workers() == 3
-    assert herd.control("scale", "0", check=False).returncode == 1
+    assert herd.control("scale", "0", check=False).returncode == 2  # a usage error
+    assert herd.control("scale", "-3", check=False).returncode == 2  # found by the herd
     herd.process.send_signal(signal.SIGTTIN)
     assert wait_until(lambda: ready_workers() == 4, 30)
     herd.process.send_signal(signal.SIGTTOU)

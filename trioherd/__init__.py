@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ._primary import Herd as Herd
     from ._process import WorkerProcess as WorkerProcess
     from ._serve import serve as serve
+    from ._websocket import WebSocket as WebSocket
+    from ._websocket import WebSocketClosed as WebSocketClosed
 
 # The primary's side is imported on first use: a worker process never needs it, and every
 # module a worker does not import is memory each of N workers does not spend.
@@ -40,6 +42,8 @@ _LAZY = {
     "HerdEvent": "_events",
     "WorkerProcess": "_process",
     "serve": "_serve",
+    "WebSocket": "_websocket",  # wsproto is loaded by a worker's first WebSocket
+    "WebSocketClosed": "_websocket",
 }
 
 
@@ -68,6 +72,8 @@ __all__ = [
     "Response",
     "StoppedBeforeReady",
     "TrioherdError",
+    "WebSocket",
+    "WebSocketClosed",
     "WorkerBootError",
     "WorkerInfo",
     "WorkerProcess",

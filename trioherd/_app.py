@@ -18,9 +18,14 @@ import inspect
 import os
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
+
+from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._websocket import WebSocket
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,6 +90,32 @@ class Request:
     """TLS facts when served over HTTPS: ``version``, ``cipher``, ``alpn`` and
     ``peer_subject`` (the client certificate's subject, when one was given)."""
     _reader: AsyncIterable[bytes] | None = attrs.field(default=None, repr=False)
+    _upgrade: Any = attrs.field(default=None, repr=False)  # _websocket.Upgrade
+
+    @property
+    def websocket(self) -> bool:
+        """The request asks for a WebSocket (and ``--ws`` is not ``none``): accept it with
+        :meth:`accept_websocket`, or refuse it by returning a Response (403, ...)."""
+        return self._upgrade is not None
+
+    @property
+    def websocket_subprotocols(self) -> list[str]:
+        """The subprotocols the client offers (``Sec-WebSocket-Protocol``), in its order."""
+        return [] if self._upgrade is None else list(self._upgrade.subprotocols)
+
+    async def accept_websocket(
+        self,
+        subprotocol: str | None = None,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    ) -> WebSocket:
+        """Answer the handshake (101 Switching Protocols) and return the open WebSocket;
+        ``subprotocol`` must be one the client offered, ``headers`` go into the 101."""
+        if self._upgrade is None:
+            raise RuntimeError("not a WebSocket request (see Request.websocket)")
+        items = headers.items() if isinstance(headers, dict) else headers or ()
+        fields = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in items]
+        websocket: WebSocket = await self._upgrade.accept(subprotocol, fields)
+        return websocket
 
     async def body(self) -> bytes:
         """The whole body (bounded by ``max_body_size``)."""
@@ -144,7 +175,32 @@ def load(spec: str) -> Any:
     return obj
 
 
+def refuse_sync(app: Any) -> None:
+    """Raise ConfigError for a plain ``def`` function (or method) given as the app: every
+    interface calls the app and awaits what it returns, so it would fail every request.
+    An object whose ``__call__`` is a plain method returning a coroutine (Quart's app) is
+    accepted: only a call tells what it returns."""
+    if not (inspect.isfunction(app) or inspect.ismethod(app)):
+        return
+    if inspect.iscoroutinefunction(app) or inspect.isasyncgenfunction(app):
+        return
+    returns = str(getattr(app, "__annotations__", {}).get("return", ""))
+    if "Awaitable" in returns or "Coroutine" in returns:
+        return  # a plain function that says it returns an awaitable
+    name = f"{getattr(app, '__module__', '?')}:{getattr(app, '__qualname__', app)}"
+    params = len(inspect.signature(app).parameters)
+    hint = " (two parameters: a WSGI app? trioherd serves ASGI 3)" if params == 2 else ""
+    raise ConfigError(
+        "app",
+        f"{name} is a plain function (def), not async def{hint}; trioherd serves "
+        "async def app(request) (native) or async def app(scope, receive, send) (ASGI 3)",
+    )
+
+
 def detect_interface(app: Any, configured: str = "auto") -> str:
+    """The app's interface (see the module's docstring); a plain ``def`` function is
+    refused with ConfigError."""
+    refuse_sync(app)
     if configured != "auto":
         return configured
     marked = getattr(app, "__trioherd_interface__", None)

@@ -36,8 +36,12 @@ class ASGIAdapter:
         self.lifespan_state = lifespan_state
 
     async def __call__(self, http: HTTPConnection, request: RequestHead) -> int:
-        # trioherd declines protocol switches today; a WebSocket upgrade would be told
-        # apart here and served with a "websocket" scope and an exchange of its own
+        if http.upgrade:  # maybe a WebSocket: a "websocket" scope (_websocket, loaded then)
+            from ._websocket import serve_asgi
+
+            status = await serve_asgi(self, http, request)
+            if status:
+                return status
         exchange = ASGIExchange(http)
         try:
             await self.app(self.http_scope(http, request), exchange.receive, exchange.send)

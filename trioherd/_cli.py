@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from . import _control
-from ._config import OPTIONS, Config, build_config, make_config
+from ._config import OPTIONS, Config, Option, build_config, make_config
 from ._errors import ConfigError, StoppedBeforeReady, WorkerBootError
-from ._log import setup_logging
+from ._log import announce, plural, setup_logging
 from ._primary import Herd
 from ._serve import serve
 
@@ -30,19 +32,63 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BOOT = 3
 
+log = logging.getLogger("trioherd.primary")
+_SCALE = re.compile(r"[+-]?[0-9]+")
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trioherd", description="A Trio process herd serving HTTP/1.1"
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and a hint, not the whole usage."""
+
+    subcommands: dict[str, _Parser]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        h11_version = version("h11")
+    except PackageNotFoundError:  # pragma: no cover - h11 without its metadata
+        h11_version = "?"
+    return (
+        f"trioherd {__version__} (trio {trio.__version__}, h11 {h11_version}, "
+        f"Python {platform.python_version()})"
     )
+
+
+def _help(option: Option) -> str:
+    """The option's help, with its default unless the help already says it."""
+    text = option.help
+    default = option.default
+    if "default" not in text:
+        if option.kind == "bool":
+            text += f" (default: {'on' if default else 'off'})"
+        elif isinstance(default, tuple) and default:
+            text += f" (default: {' '.join(default)})"
+        elif isinstance(default, float):
+            text += f" (default: {default:g})"
+        elif default is not None and not isinstance(default, tuple):
+            text += f" (default: {default})"
+    return text.replace("%", "%%")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="trioherd", description="A Trio process herd serving HTTP/1.1")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = commands.choices
     serve_parser = commands.add_parser("serve", help="run a herd in the foreground")
     serve_parser.add_argument(
         "app", nargs="?", help="module:attr of the app (default: a built-in demo app)"
     )
     serve_parser.add_argument("--config", help="TOML file with options")
     for option in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": option.help}
+        kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": _help(option)}
         if option.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif option.kind == "list":
@@ -69,7 +115,10 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "stop":
             sub.add_argument(
-                "--timeout", type=float, default=120.0, help="seconds to wait for the herd to exit"
+                "--timeout",
+                type=float,
+                default=120.0,
+                help="seconds to wait for the herd to exit (default: 120)",
             )
     scale = commands.add_parser("scale", help="set the number of workers: N, +N or -N")
     scale.add_argument("count", nargs="?", help="N, +N or -N")
@@ -92,13 +141,29 @@ def run_cli(argv: list[str]) -> int:
                 argv = argv[:index] + argv[index + 1 :]
                 break
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve_command(args)
+    _check_control_args(parser, args, negative)
+    return _control_command(args)
+
+
+def _check_control_args(parser: _Parser, args: argparse.Namespace, negative: str | None) -> None:
+    """Usage errors of status, reload, scale and stop (exit 2), found before the herd is
+    asked anything."""
+    sub = parser.subcommands[args.command]
+    name = args.name
+    if not name or "/" in name or name.startswith("."):
+        sub.error(f"argument --name: {name!r} is not a valid herd name")
     if args.command == "scale":
         args.count = negative or args.count
         if args.count is None:
-            parser.error("scale needs N, +N or -N")
-    if args.command == "serve":
-        return _serve_command(args)
-    return _control_command(args)
+            sub.error("scale needs N, +N or -N")
+        if not _SCALE.fullmatch(args.count):
+            sub.error(f"expected N, +N or -N (got {args.count!r})")
+        if args.count[:1] not in "+-" and int(args.count) < 1:
+            sub.error(f"a herd needs at least one worker (asked for {args.count})")
+    if args.command == "stop" and not args.timeout >= 0:
+        sub.error(f"argument --timeout: must be >= 0 (got {args.timeout:g})")
 
 
 def _serve_command(args: argparse.Namespace) -> int:
@@ -108,21 +173,22 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         config = build_config(cli, os.environ, args.config, handle_signals=True)
     except ConfigError as exc:
-        print(f"trioherd: error: {exc}", file=sys.stderr)
+        announce(f"error: {exc}", "text", "error", option=exc.option)
         return EXIT_USAGE
     return run_config(config)
 
 
 def run_config(config: Config) -> int:
     """Run a herd in the foreground until it stops; the process exit code."""
-    setup_logging(config.log_level, "primary")
+    fmt = config.log_format
+    setup_logging(config.log_level, "primary", fmt)
     try:
         herd = trio.run(_serve_and_announce, config)
     except ConfigError as exc:
-        print(f"trioherd: error: {exc}", file=sys.stderr)
+        announce(f"error: {exc}", fmt, "error", option=exc.option)
         return EXIT_USAGE
-    except WorkerBootError as exc:
-        print(f"trioherd: the app could not boot:\n{exc.text.rstrip()}", file=sys.stderr)
+    except WorkerBootError as exc:  # the one place its text is printed
+        announce(f"the app could not boot:\n{exc.text.rstrip()}", fmt, "critical")
         return EXIT_BOOT
     except StoppedBeforeReady as stopped:
         return EXIT_FAILED if stopped.forced else EXIT_OK
@@ -137,7 +203,14 @@ async def _serve_and_announce(config: Config) -> Herd | None:
         async with trio.open_nursery() as nursery:
             herd = await nursery.start(serve, config)
             for url in herd.addresses:
-                print(f"trioherd: listening on {url}", file=sys.stderr, flush=True)
+                announce(f"listening on {url}", config.log_format, url=url)
+            for worker in herd.workers:  # their ready lines are held back during the boot
+                log.info(
+                    "worker %d (pid %d) ready",
+                    worker.id,
+                    worker.pid,
+                    extra={"worker": worker.id, "worker_pid": worker.pid},
+                )
     except BaseExceptionGroup as group:
         raise _single(group) from None
     return herd
@@ -164,7 +237,7 @@ def run(app: Any = None, **options: Any) -> None:
     """
     options.setdefault("handle_signals", True)
     config = make_config(app=app, **options)
-    setup_logging(config.log_level, "primary")
+    setup_logging(config.log_level, "primary", config.log_format)
 
     async def main() -> None:
         await _serve_and_announce(config)
@@ -184,7 +257,7 @@ def _control_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if not reply.get("ok"):
         print(f"trioherd: {reply.get('error', 'failed')}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if reply.get("usage") else EXIT_FAILED
     if args.command == "status":
         status = reply["status"]
         print(json.dumps(status) if args.json else format_status(status))
@@ -199,7 +272,7 @@ def _control_command(args: argparse.Namespace) -> int:
     elif args.command == "reload":
         print(f"trioherd: herd {args.name!r} reloaded")
     elif args.command == "scale":
-        print(f"trioherd: herd {args.name!r} now has {reply['size']} workers")
+        print(f"trioherd: herd {args.name!r} now has {plural(reply['size'], 'worker')}")
     return EXIT_OK
 
 
@@ -230,8 +303,20 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"herd {status['name']!r}  pid {status['pid']}  {status['dispatch']}  "
         f"{' '.join(status['listeners'])}  reloads {status.get('reloads', 0)}"
+        + (f" ({status['reloads_failed']} failed)" if status.get("reloads_failed") else "")
     ]
-    header = ("id", "slot", "pid", "state", "uptime", "restarts", "conns", "requests", "rss MiB")
+    header = (
+        "id",
+        "slot",
+        "pid",
+        "state",
+        "uptime",
+        "restarts",
+        "conns",
+        "ws",
+        "requests",
+        "rss MiB",
+    )
     rows = [header]
     for worker in status["workers"]:
         rows.append(
@@ -243,14 +328,14 @@ def format_status(status: dict[str, Any]) -> str:
                 _duration(worker["uptime"]),
                 str(worker["restarts"]),
                 str(worker["connections"]),
+                str(worker.get("websockets", 0)),
                 str(worker["requests"]),
                 f"{worker['rss'] / 1048576:.1f}",
             )
         )
     for slot in status.get("backoff", []):
-        rows.append(
-            ("-", str(slot["slot"]), "-", "backoff", "-", str(slot["restarts"]), "-", "-", "-")
-        )
+        dashes = ("-", "-", "-", "-")
+        rows.append(("-", str(slot["slot"]), "-", "backoff", "-", str(slot["restarts"]), *dashes))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append(

@@ -4,7 +4,8 @@ are derived from it.
 Each user-facing option is a field of :class:`Config` whose metadata (:func:`_option`)
 carries its kind, help text, choices and minimum. :data:`OPTIONS` is read from those
 fields, so a default is written once, in the field. Fields without that metadata (``app``,
-``ssl_context_factory``, ``control``, ``handle_signals``, ``listen_fds``) are library-only.
+``ssl_context_factory``, ``control``, ``control_dir``, ``handle_signals``, ``listen_fds``)
+are library-only.
 
 Precedence is CLI > environment (``TRIOHERD_<OPTION>``) > TOML file (``--config``) > default.
 Every value is validated here, once, so the primary and the workers can trust a Config.
@@ -21,12 +22,15 @@ from typing import Any
 import attrs
 
 from ._errors import ConfigError
+from ._forwarded import check_spec
 
 DISPATCH_POLICIES = ("round-robin", "least-busy", "shared")
 INTERFACES = ("auto", "native", "asgi", "stream")
 CLIENT_CERT_MODES = ("none", "optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+WS_MODES = ("auto", "wsproto", "none")
 DEFAULT_BIND = "127.0.0.1:8000"
 KINDS = ("int", "float", "str", "bool", "list", "intlist", "choice")
 _OPTION_KEY = "trioherd.option"
@@ -176,6 +180,15 @@ class Config:
             minimum=0.01,
         ),
     )
+    send_timeout: float = attrs.field(
+        default=30.0,
+        metadata=_option(
+            "float",
+            "seconds a response may go without the client taking any of it before the "
+            "connection is closed (reset)",
+            minimum=0.01,
+        ),
+    )
     max_header_size: int = attrs.field(
         default=16384,
         metadata=_option("int", "bytes of request line + headers (431)", minimum=64),
@@ -212,9 +225,48 @@ class Config:
         ),
     )
     max_connections: int = attrs.field(
-        default=1000,
+        default=10000,
         metadata=_option(
-            "int", "open connections per worker; a full worker gets no new ones", minimum=1
+            "int",
+            "open connections per worker; near it, idle keep-alive connections are closed "
+            "oldest first, and a full worker gets no new ones",
+            minimum=1,
+        ),
+    )
+    ws: str = attrs.field(
+        default="auto",
+        metadata=_option(
+            "choice",
+            "WebSocket support (wsproto): auto or wsproto serves it, none serves upgrade "
+            "requests as plain HTTP",
+            choices=WS_MODES,
+        ),
+    )
+    ws_max_size: int = attrs.field(
+        default=16 * 1024 * 1024,
+        metadata=_option(
+            "int", "bytes of one incoming WebSocket message (past it: close 1009)", minimum=1
+        ),
+    )
+    ws_ping_interval: float = attrs.field(
+        default=20.0,
+        metadata=_option(
+            "float", "seconds between WebSocket pings to each client (0 = no pings)", minimum=0
+        ),
+    )
+    ws_ping_timeout: float = attrs.field(
+        default=20.0,
+        metadata=_option(
+            "float",
+            "seconds a WebSocket client has to answer a ping before it is dropped (0 = wait "
+            "forever)",
+            minimum=0,
+        ),
+    )
+    ws_per_message_deflate: bool = attrs.field(
+        default=True,
+        metadata=_option(
+            "bool", "accept WebSocket permessage-deflate compression a client offers (RFC 7692)"
         ),
     )
     certfile: str | None = attrs.field(
@@ -253,7 +305,71 @@ class Config:
     access_log: bool = attrs.field(
         default=False, metadata=_option("bool", "log one line per request")
     )
+    forwarded_allow_ips: str = attrs.field(
+        default="127.0.0.1,::1",
+        metadata=_option(
+            "str",
+            "peers whose X-Forwarded-For/-Proto and Forwarded headers set the client address "
+            "and scheme: comma list of IPs and CIDRs, * for all (Unix sockets are trusted)",
+        ),
+    )
+    proxy_protocol: bool = attrs.field(
+        default=False,
+        metadata=_option(
+            "bool",
+            "every connection starts with a PROXY protocol header (v1 or v2, as HAProxy's "
+            "send-proxy); the client address comes from it",
+        ),
+    )
+    log_format: str = attrs.field(
+        default="text",
+        metadata=_option(
+            "choice",
+            "log lines on stderr: text, or one JSON object per line",
+            choices=LOG_FORMATS,
+        ),
+    )
+    reload: bool = attrs.field(
+        default=False,
+        metadata=_option(
+            "bool",
+            "watch the app's files and do a rolling reload when one changes (development; "
+            "needs trioherd[reload])",
+        ),
+    )
+    reload_dir: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_tuple_of_str,
+        metadata=_option(
+            "list", "directory to watch with --reload (repeatable; default: the current one)"
+        ),
+    )
+    reload_include: tuple[str, ...] = attrs.field(
+        default=("*.py",),
+        converter=_tuple_of_str,
+        metadata=_option(
+            "list",
+            "glob of the files whose change triggers a reload (repeatable; replaces the "
+            "default *.py)",
+        ),
+    )
+    reload_exclude: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_tuple_of_str,
+        metadata=_option("list", "glob of files or directories --reload ignores (repeatable)"),
+    )
+    asyncio: bool = attrs.field(
+        default=False,
+        metadata=_option(
+            "bool",
+            "run an asyncio-only ASGI app (Django, Quart, asyncpg) in an asyncio loop "
+            "hosted by Trio (needs trioherd[asyncio])",
+        ),
+    )
     control: bool = True
+    control_dir: str | None = None
+    """Directory of the control socket; None: ``$XDG_RUNTIME_DIR/trioherd``, else
+    ``<tmp>/trioherd-<uid>`` (``_control.control_dir``)."""
     handle_signals: bool = False
     listen_fds: bool = True
 
@@ -270,6 +386,9 @@ class Config:
             raise ConfigError("client_cert", f"{self.client_cert!r} needs --ca-certs")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"{self.name!r} is not a valid herd name")
+        problem = check_spec(self.forwarded_allow_ips)
+        if problem is not None:
+            raise ConfigError("forwarded_allow_ips", problem)
 
     @property
     def tls(self) -> bool:

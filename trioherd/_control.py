@@ -66,8 +66,8 @@ class ControlServer:
                 os.unlink(self.path)
 
 
-def bind_control_socket(name: str) -> tuple[str, socket.socket]:
-    directory = control_dir()
+def bind_control_socket(name: str, directory: str | None = None) -> tuple[str, socket.socket]:
+    directory = directory or control_dir()
     _private_dir(directory)
     path = os.path.join(directory, f"{name}.sock")
     if unix_socket_in_use(path):  # a stale socket (its herd is gone) is removed
@@ -87,7 +87,7 @@ def bind_control_socket(name: str) -> tuple[str, socket.socket]:
 
 
 async def start_control_server(herd: Herd, nursery: trio.Nursery) -> ControlServer:
-    path, sock = bind_control_socket(herd.config.name)
+    path, sock = bind_control_socket(herd.config.name, herd.config.control_dir)
     server = ControlServer(path, sock)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
@@ -128,7 +128,11 @@ def status(herd: Herd) -> dict[str, Any]:
         "dispatch": herd.config.dispatch,
         "size": herd.size,
         "reloads": herd.reloads,
-        "workers": [worker.as_dict() for worker in herd.workers],
+        "reloads_failed": herd.reloads_failed,
+        "workers": [
+            {**worker.as_dict(), "websockets": int(worker.stats.get("websockets", 0))}
+            for worker in herd.workers
+        ],
         "backoff": [
             {"slot": slot.index, "restarts": slot.restarts}
             for slot in herd.slots
@@ -156,8 +160,8 @@ async def handle_request(
             return {"ok": True, "pid": herd.pid}
     except ReloadError as exc:
         return {"ok": False, "error": f"reload failed: {exc}"}
-    except ValueError as exc:
-        return {"ok": False, "error": str(exc)}
+    except ValueError as exc:  # a bad argument (scale): a usage error
+        return {"ok": False, "error": str(exc), "usage": True}
     return {"ok": False, "error": f"unknown command {command!r}"}
 
 

@@ -8,16 +8,18 @@ import os
 from ._app import Request, Response
 from ._worker import current_worker
 
+NO_STORE = {"cache-control": "no-store"}
+
 
 async def app(request: Request) -> Response:
     worker = current_worker()
     worker_id = worker.id if worker else 0
     if request.path == "/health":
-        return Response("ok\n")
+        return Response("ok\n", headers=NO_STORE)
     body = (
         f"Hello from trioherd worker {worker_id} (pid {os.getpid()})\n"
         f"{request.method} {request.path} from {request.client[0] if request.client else '-'}\n"
     )
-    return Response(
-        body, headers={"x-worker-id": str(worker_id), "x-worker-pid": str(os.getpid())}
-    )
+    # the answer changes from one worker to the next: no cache may keep it
+    headers = {"x-worker-id": str(worker_id), "x-worker-pid": str(os.getpid()), **NO_STORE}
+    return Response(body, headers=headers)

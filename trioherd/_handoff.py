@@ -116,11 +116,6 @@ class Handoff:
     def is_dispatching_to(self, worker: WorkerProcess) -> bool:
         return worker in self._dispatcher
 
-    def unacknowledged(self, worker: WorkerProcess) -> int:
-        """Connections passed to ``worker`` that it has not acknowledged yet."""
-        transit = self._transit.get(worker)
-        return transit.fds if transit is not None else 0
-
     def closed(self, worker: WorkerProcess, count: int) -> None:
         """``worker`` reports ``count`` connections closed: room for more."""
         worker.closed += count
@@ -145,6 +140,21 @@ class Handoff:
         if transit is not None and transit.congested and self._admissible(worker):
             log.info("worker %d (pid %d) keeps up again", worker.id, worker.pid)
             self.admit(worker)
+
+    def disowned(self, worker: WorkerProcess) -> None:
+        """``worker``'s channel can no longer be trusted (it sent a malformed message), so
+        its acknowledgements will not be read: take back what it has not taken, and count
+        what it took as its own (the primary's copies are closed, as an ack would)."""
+        self._dispatcher.remove(worker)
+        transit = self._transit.get(worker)
+        if transit is None:
+            return
+        transit.finished = True  # never admitted again
+        self._recall(worker, transit, restore_end=False)
+        for _, _, fds, _ in transit.batches:
+            _ipc.close_fds(fds)
+        transit.batches.clear()
+        transit.fds = 0
 
     def gone(self, worker: WorkerProcess) -> None:
         """``worker`` exited (its last messages were read): every connection it did not
@@ -258,21 +268,15 @@ class Handoff:
     async def _flush(
         self, batches: dict[WorkerProcess, list[int]], overflow: list[int], index: int
     ) -> None:
-        pending = list(batches.items())
-        try:
-            while pending:
-                worker, fds = pending[0]
-                if not self._pass(worker, fds, index):
-                    worker.dispatched -= len(fds)
-                    await self._redispatch(fds, index)
-                pending.pop(0)
-        except BaseException:
-            for _, fds in pending[1:]:
-                _ipc.close_fds(fds)
-            _ipc.close_fds(overflow)
-            raise
+        """Pass each batch; what a worker cannot take goes to another from a task of its
+        own (outside the accept scope: a stop must not cancel it into a closed fd)."""
+        for worker, fds in batches.items():
+            if not self._pass(worker, fds, index):
+                worker.dispatched -= len(fds)
+                self._dispatch_later(fds, index)
         if overflow:
-            await self._redispatch(overflow, index)
+            self._dispatch_later(overflow, index)
+        await trio.lowlevel.checkpoint()
 
     # -- passing -----------------------------------------------------------------------
 
@@ -388,7 +392,10 @@ class Handoff:
         while True:
             await trio.sleep(WATCH_INTERVAL)
             now = trio.current_time()
+            anyone = bool(self._dispatcher.has_room())
             for worker, transit in list(self._transit.items()):
+                if transit.finished and not anyone:
+                    continue  # a draining worker serves its queue within its grace
                 late = bool(transit.batches) and now - transit.batches[0][3] > ACK_DEADLINE
                 silent = now - worker.last_seen > self._beat_overdue and worker in self._dispatcher
                 if late:

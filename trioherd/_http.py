@@ -12,7 +12,11 @@ Timeouts, all cancel scopes in the connection's own task:
   short drain grace instead, so a request already on its way is still served);
 - head: from the first byte of a request to the end of its head (``header_timeout``, not
   reset by further bytes: a client trickling bytes cannot hold the connection longer); 408;
-- body: the gap between two reads of the request body (``header_timeout``); 408.
+- body: the gap between two reads of the request body (``header_timeout``); 408;
+- send: a response the client takes none of (``send_timeout``); the connection is reset.
+
+Idle crowds: at 90 % of ``max_connections`` the sweeper closes idle keep-alive
+connections, the longest idle first, until fewer than 80 % are open (``Stats.shed``).
 
 Errors: an h11 protocol error becomes the status h11 hints (400, 431, ...) and a closed
 connection; an exception in the app becomes a 500 if nothing was sent yet, else the
@@ -21,8 +25,13 @@ connection is dropped; either way one log line with the traceback and the worker
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import re
+import socket
+import struct
+import termios
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -31,6 +40,8 @@ import h11
 import trio
 
 from ._config import Config
+from ._forwarded import TrustedPeers
+from ._forwarded import apply as apply_forwarded
 from ._framing import Fields, ResponseFraming, header_list, reason
 from ._rawstream import RawSocketStream
 
@@ -41,26 +52,48 @@ RECEIVE_SIZE = 65536
 DRAIN_GRACE = 1.0
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
+SEND_PIECE = 65536  # over TLS a response is sent in pieces of this size (see write)
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+_CLOSE_ERRORS = (OSError, trio.BusyResourceError, *_STREAM_ERRORS)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 finds the end of a head
+_FORWARDED = frozenset((b"forwarded", b"x-forwarded-for", b"x-forwarded-proto"))
 
 
 class Stats:
     """Counters of one worker, sent to the primary with every heartbeat."""
 
-    __slots__ = ("bytes_in", "bytes_out", "requests", "status")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "requests",
+        "shed",
+        "status",
+        "ws_in",
+        "ws_open",
+        "ws_out",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.shed = 0  # idle keep-alive connections closed to make room (ServerState.shed)
         self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100
+        self.ws_open = 0  # WebSockets open now (_websocket)
+        self.ws_in = 0  # WebSocket messages received
+        self.ws_out = 0  # WebSocket messages sent
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "shed": self.shed,
             "status": {f"{i}xx": n for i, n in enumerate(self.status) if i and n},
+            "websockets": self.ws_open,
+            "ws_messages_in": self.ws_in,
+            "ws_messages_out": self.ws_out,
         }
 
 
@@ -76,8 +109,15 @@ class ServerState:
         self.connections: set[HTTPConnection] = set()
         self.asgi_state: dict[str, Any] = {}
         self.on_request: Callable[[], None] | None = None
-        shortest = min(config.keep_alive_timeout or 1.0, config.header_timeout, 1.0)
+        self.websockets: set[Any] = set()  # open WebSockets (_websocket.WebSocket)
+        self.trusted = TrustedPeers(config.forwarded_allow_ips)  # whose forwarded headers
+        shortest = min(
+            config.keep_alive_timeout or 1.0, config.header_timeout, config.send_timeout, 1.0
+        )
         self.sweep_interval = max(0.01, shortest / 4)
+        # idle crowds: from 90 % of max_connections open, close idle ones until below 80 %
+        self.shed_at = (9 * config.max_connections + 9) // 10
+        self.shed_below = (8 * config.max_connections + 9) // 10
 
     def start_draining(self) -> None:
         """From now on responses carry ``Connection: close``; idle connections get the
@@ -87,9 +127,12 @@ class ServerState:
         for connection in self.connections:
             if connection.phase == IDLE:
                 connection.deadline = min(connection.deadline, deadline)
+        for websocket in list(self.websockets):
+            websocket.going_away()  # close frame 1001, websocket.disconnect to the app
 
     async def sweep(self) -> None:
-        """Enforce every connection's phase deadline (idle, head, body).
+        """Enforce every connection's phase deadline (idle, head, body, send), and thin
+        out idle crowds (see :meth:`shed`).
 
         One timer task per worker instead of a cancel scope per read: the hot path only
         writes a number. A deadline is enforced within ``sweep_interval`` of passing.
@@ -97,13 +140,47 @@ class ServerState:
         while True:
             await trio.sleep(self.sweep_interval)
             now = trio.current_time()
-            for connection in self.connections:
+            connections = self.connections
+            for connection in connections:
+                if connection.phase == SEND:
+                    connection.check_send(now)
                 if connection.deadline <= now:
                     connection.expire()
+            if len(connections) >= self.shed_at and not self.draining:
+                self.shed()
+
+    def shed(self) -> int:
+        """Close idle keep-alive connections (waiting for their next request, after at
+        least one), the longest idle first, until fewer than 80 % of ``max_connections``
+        are open: a crowd of idle clients must not keep new ones out. One log line."""
+        connections = self.connections
+        excess = len(connections) - self.shed_below + 1
+        idle = [
+            connection
+            for connection in connections
+            if connection.phase == IDLE and connection.served and connection.expired is None
+        ]
+        idle.sort(key=_idle_since)  # the same wait for all: the first deadline idled first
+        closing = idle[:excess]
+        for connection in closing:
+            connection.expire()  # as if its keep-alive timeout had run out
+        if closing:
+            self.stats.shed += len(closing)
+            log.warning(
+                "%d of max %d connections open: closed %d idle keep-alive connections",
+                len(connections),
+                self.config.max_connections,
+                len(closing),
+            )
+        return len(closing)
+
+
+def _idle_since(connection: HTTPConnection) -> float:
+    return connection.deadline
 
 
 # Phases of a connection, each with its own deadline (see ServerState.sweep)
-IDLE, HEAD, BODY, APP = range(4)
+IDLE, HEAD, BODY, APP, SEND = range(5)
 
 
 class BodyTooLarge(Exception):
@@ -147,13 +224,18 @@ class BodyReader:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if _chunk_left(conn) > limit - self.received:  # never wait for what we refuse
+                    raise BodyTooLarge(self.received + _chunk_left(conn))
                 await http.receive_body()
                 continue
             kind = type(event)
             if kind is h11.Data:
                 data = bytes(event.data)  # type: ignore[union-attr]
                 self.received += len(data)
-                if self.received > limit:
+                if self.received > limit or (
+                    event.chunk_start  # type: ignore[union-attr]
+                    and _chunk_left(conn) > limit - self.received
+                ):
                     raise BodyTooLarge(self.received)
                 return data
             if kind is h11.EndOfMessage:
@@ -165,8 +247,25 @@ class BodyReader:
             raise ClientGone()
 
 
-# where h11 is done with a request: DONE, or a protocol switch offered that we decline
-_REQUEST_DONE = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)  # type: ignore[attr-defined]
+def _head_buffered(conn: h11.Connection) -> bool:
+    """The bytes received after the head of the request ``conn`` read hold the whole head
+    of another, pipelined, request (asked only of a request without a body)."""
+    return _HEAD_END.search(conn.trailing_data[0].lstrip(b"\r\n")) is not None
+
+
+def _chunk_left(conn: h11.Connection) -> int:
+    """What is left of the chunk h11 is reading: the size its chunk-size line announced,
+    less what was delivered (0 between chunks, or for a body that is not chunked). h11
+    keeps it in its reader's ``_bytes_in_chunk``; without that, 0 (the limit is then
+    enforced on the bytes as they arrive)."""
+    left = getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
+    return left if type(left) is int else 0
+
+
+# where h11 is done with a request: DONE; MUST_CLOSE (its whole body was read, and the
+# connection closes after the response: HTTP/1.0, Connection: close); or a protocol
+# switch offered that we decline
+_REQUEST_DONE = (h11.DONE, h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL)  # type: ignore[attr-defined]
 
 
 class RequestHead(Protocol):
@@ -212,17 +311,23 @@ class HTTPConnection:
         "framing",
         "headers",
         "leftover",
+        "peer",
         "phase",
         "request",
         "response_started",
         "scheme",
         "scope",
+        "send_mark",
         "sent_continue",
+        "served",
         "server",
         "started",
         "state",
         "stream",
         "tls",
+        "trusts_peer",
+        "upgrade",
+        "watched",
     )
 
     def __init__(
@@ -238,10 +343,11 @@ class HTTPConnection:
         self.state = state
         self.adapter = adapter
         self.stream = stream
-        self.client = client
+        self.client = self.peer = client  # client: as a trusted proxy may report it
         self.server = server
         self.scheme = scheme
         self.tls = tls
+        self.trusts_peer = client is None or client[0] in state.trusted
         self.conn = self._new_parser()
         self.framing = ResponseFraming()
         self.response_started = False
@@ -256,6 +362,13 @@ class HTTPConnection:
         self.leftover = False
         self.counted = False
         self.started = 0.0
+        self.served = 0  # requests read on this connection
+        self.send_mark = -1  # what the kernel held for the client at the last look
+        # a raw socket tells us when a send stalls (send_stalled); other streams are timed
+        # piece by piece in write()
+        self.watched = isinstance(stream, RawSocketStream)
+        if isinstance(stream, RawSocketStream):
+            stream.watch = self
 
     def expire(self) -> None:
         """The current phase ran out of time: cancel whatever the connection awaits."""
@@ -277,7 +390,32 @@ class HTTPConnection:
 
     async def write(self, data: bytes) -> None:
         self.state.stats.bytes_out += len(data)
-        await self.stream.send_all(data)
+        if self.watched:
+            await self.stream.send_all(data)
+        else:
+            await _send_timed(self, data)
+
+    def send_stalled(self) -> None:
+        """The raw socket's buffer is full, and the client took what it could since the
+        last stall: it has ``send_timeout`` to take more (see ServerState.sweep)."""
+        self.phase = SEND
+        self.send_mark = -1
+        self.deadline = trio.current_time() + self.state.config.send_timeout
+
+    def check_send(self, now: float) -> None:
+        """A send is waiting: if the kernel's queue for the client changed since the last
+        look, the client took some, and ``send_timeout`` starts again. (Writability alone
+        would not say: it comes only once a third of the send buffer is free, which
+        takes a slow reader longer than the timeout with a big buffer.)"""
+        queued = _queued(self.stream)
+        if queued != self.send_mark:
+            self.send_mark = queued
+            self.deadline = now + self.state.config.send_timeout
+
+    def send_resumed(self) -> None:
+        """The send that stalled is complete."""
+        self.phase = APP
+        self.deadline = math.inf
 
     async def receive_body(self) -> None:
         """Read more of a request body; each read must come within ``header_timeout``."""
@@ -298,32 +436,32 @@ class HTTPConnection:
         try:
             with self.scope:
                 linger = await self._serve_requests()
-            if self.scope.cancelled_caught and self.expired in (HEAD, BODY):
-                what = "head" if self.expired == HEAD else "body"
+            expired = self.expired
+            if self.scope.cancelled_caught and expired in (HEAD, BODY):
                 if self.response_started:  # too late to say so: count it, then drop
                     self._count(self.request, 408, 0)
                 else:
-                    await self._reject(408, f"request {what} not received in time")
+                    what = "head" if expired == HEAD else "body"
+                    await self._answer_late(408, f"request {what} not received in time")
                 linger = True
         except h11.RemoteProtocolError as exc:
-            await self._reject(exc.error_status_hint, str(exc))
+            await self._answer_late(exc.error_status_hint, str(exc))
             linger = True
         except _STREAM_ERRORS:
             pass
         finally:
             state.connections.discard(self)
-            await self._close(linger)
+            await _close(self.stream, linger, reset=self.expired == SEND)
 
     async def _serve_requests(self) -> bool:
-        """Serve requests until the connection ends; True if it ended in an error."""
-        per_connection = self.state.config.max_requests_per_connection
-        served = 0
+        """Serve requests until the connection ends; True if its close must linger: after
+        an error answer, or with bytes of the client's we leave unread (see _close)."""
         while True:
             event = await self._read_head()
             if type(event) is not h11.Request:
                 return False
-            served += 1  # the limit is the last request (0: no limit)
-            if not await self._serve_request(event, served == per_connection):
+            self.served += 1
+            if not await self._serve_request(event):
                 return True
             conn = self.conn
             if not self.bodyless and conn.their_state not in _REQUEST_DONE:
@@ -335,11 +473,13 @@ class HTTPConnection:
                     if not await self._discard_body():
                         return True  # linger: read what comes for a moment, then close
                 if conn.their_state not in _REQUEST_DONE:
-                    return False
-            if not self.framing.keep_alive:
-                return False
+                    return True
             # RFC 9112 2.2: blank lines before a request line are to be ignored
             leftover = conn.trailing_data[0].lstrip(b"\r\n")
+            if not self.framing.keep_alive:
+                # pipelined requests we will not read, or more of them still on the way
+                limit = self.state.config.max_requests_per_connection
+                return bool(leftover) or (bool(limit) and self.served >= limit)
             self.conn = self._new_parser()
             self.leftover = bool(leftover)
             if leftover:
@@ -386,13 +526,12 @@ class HTTPConnection:
                 self.deadline = math.inf
                 return event  # type: ignore[return-value]
 
-    async def _serve_request(self, request: h11.Request, last: bool) -> bool:
-        """Run the app for one request; False if the connection must end at once.
-        ``last``: the connection's last request (max_requests_per_connection)."""
+    async def _serve_request(self, request: h11.Request) -> bool:
+        """Run the app for one request; False if the connection must end at once."""
         self.request = request
         self.started = self.started_at()
         self.headers = headers = header_list(request)
-        refusal = self._check_head(request, headers, last)
+        refusal = self._check_head(request, headers)
         if refusal is not None:
             await self._reject(*refusal)
             return False
@@ -423,13 +562,13 @@ class HTTPConnection:
             await self._send_error(500, None)  # unless a response began: it cannot be mended
             return False
         finally:
-            if self.expired is None:  # else run() answers 408 and counts it
+            expired = self.expired  # a 408 is answered and counted by run()
+            if expired is None or expired == SEND:  # a client that took nothing: 499
+                status = 499 if expired else status
                 self._count(request, status, self.state.stats.bytes_out - sent_before)
         return True
 
-    def _check_head(
-        self, request: h11.Request, headers: Fields, last: bool
-    ) -> tuple[int, str] | None:
+    def _check_head(self, request: h11.Request, headers: Fields) -> tuple[int, str] | None:
         """Measure the request's head against the limits: the error to answer, or None.
 
         Also notes whether the request has a body, and makes the request's keep-alive
@@ -438,7 +577,7 @@ class HTTPConnection:
         # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
         size = len(request.method) + len(request.target) + 12
         content_length = None
-        chunked = close = False
+        chunked = close = upgrade = forwarded = False
         for name, value in headers:
             size += len(name) + len(value) + 4
             if name == b"content-length":
@@ -447,18 +586,39 @@ class HTTPConnection:
                 chunked = True
             elif name == b"connection" and b"close" in value.lower():
                 close = True
-        self.bodyless = not chunked and not content_length
+            elif name == b"upgrade":
+                upgrade = True
+            elif name in _FORWARDED:
+                forwarded = True
+        if (forwarded and self.trusts_peer) or self.client is not self.peer:
+            own = "https" if self.tls is not None else "http"  # this request's, or none
+            self.client, self.scheme = (
+                apply_forwarded(headers, self.peer, own, self.state.trusted)
+                if forwarded
+                else (self.peer, own)
+            )
+        self.upgrade = upgrade  # asks to switch protocols: a WebSocket? (see _websocket)
+        self.bodyless = bodyless = not chunked and not content_length
+        version = request.http_version
+        limit = config.max_requests_per_connection
         self.framing.begin(
             request.method == b"HEAD",
             not (
                 close
-                or last
                 or self.state.draining
-                or request.http_version != b"1.1"
+                or version != b"1.1"
                 # RFC 9112 6.1: both lengths: answer, then close (a smuggling guard)
                 or (chunked and content_length is not None)
+                # after a 2xx the bytes that follow are a tunnel's, never HTTP requests
+                or request.method == b"CONNECT"
+                # the last request; but pipelined requests already here are answered too
+                or (
+                    limit and self.served >= limit and not (bodyless and _head_buffered(self.conn))
+                )
             ),
         )
+        if version != b"1.1" and version != b"1.0":  # HTTP/2's preface "PRI * HTTP/2.0" too
+            return (505, f"HTTP/{version.decode('ascii', 'replace')} not supported")
         if len(headers) > config.max_header_count:
             return (431, "too many header fields")
         if size > config.max_header_size:
@@ -486,14 +646,23 @@ class HTTPConnection:
                 if request is not None
                 else "-"
             )
+            duration = (time.perf_counter() - started_at) * 1000
             access_log.info(
                 '%s "%s" %d %d %.1fms w%d',
                 client,
                 line,
                 status,
                 sent,
-                (time.perf_counter() - started_at) * 1000,
+                duration,
                 self.state.worker_id,
+                extra={  # the fields of a JSON access-log line (--log-format json)
+                    "method": request.method.decode() if request is not None else None,
+                    "path": request.target.decode("latin-1") if request is not None else None,
+                    "status": status,
+                    "duration_ms": round(duration, 3),
+                    "client": client,
+                    "bytes": sent,
+                },
             )
 
     async def _discard_body(self) -> bool:
@@ -539,6 +708,13 @@ class HTTPConnection:
         await self._send_error(status, detail)
         self._count(self.request, status, self.state.stats.bytes_out - before)
 
+    async def _answer_late(self, status: int, detail: str) -> None:
+        """An error answer after the connection's scope has ended, in a scope of its own
+        that the sweeper can cancel too: a client that does not read gets send_timeout."""
+        self.scope = trio.CancelScope()
+        with self.scope:
+            await self._reject(status, detail)
+
     def started_at(self) -> float:
         return time.perf_counter() if self.state.config.access_log else 0.0
 
@@ -554,32 +730,106 @@ class HTTPConnection:
         if detail:
             log.debug("%d to %s: %s", status, self.client, detail)
 
-    async def _close(self, linger: bool) -> None:
-        """Close the connection; after an error, read what the client still sends for a
-        moment first, so that the kernel does not answer it with a reset that would destroy
-        our error response before the client reads it."""
-        stream = self.stream
-        if isinstance(stream, RawSocketStream | trio.SocketStream):
-            if linger:
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
-                    try:
-                        await stream.send_eof()
-                        drained = 0
-                        while drained < LINGER_BYTES:
-                            data = await stream.receive_some(RECEIVE_SIZE)
-                            if not data:
-                                break
-                            drained += len(data)
-                    except (OSError, *_STREAM_ERRORS):
-                        pass
-            if isinstance(stream, RawSocketStream):
-                stream.close()  # nothing to flush or say: no need for a cancel scope
-            else:
-                await trio.aclose_forcefully(stream)
-            return
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
-            try:
-                await stream.aclose()  # TLS: try to say goodbye (close_notify), briefly
-            except (OSError, *_STREAM_ERRORS):
-                pass
+
+async def _close(stream: trio.abc.Stream, linger: bool, reset: bool) -> None:
+    """Close a connection. ``linger``: first half-close and read what the client still
+    sends, for a moment, so that the kernel does not answer it with a reset that would
+    destroy what we sent before the client reads it. Over TLS a ``close_notify`` comes
+    first, always. ``reset``: the client stopped taking our data (send timeout)."""
+    if reset:
+        _reset_on_close(stream)
         await trio.aclose_forcefully(stream)
+        return
+    if isinstance(stream, RawSocketStream):
+        if linger:
+            await _linger(stream)
+        stream.close()  # nothing to flush or say: no need for a cancel scope
+        return
+    if isinstance(stream, trio.SSLStream):
+        await _close_tls(stream, linger)
+    elif linger and isinstance(stream, trio.SocketStream):
+        await _linger(stream)
+    await trio.aclose_forcefully(stream)
+
+
+async def _send_timed(http: HTTPConnection, data: bytes) -> None:
+    """Send over a stream that cannot say when it stalls (TLS): in pieces, each of which
+    must go within ``send_timeout``; the sweeper also watches the kernel's queue."""
+    stream = http.stream
+    timeout = http.state.config.send_timeout
+    http.phase = SEND
+    http.send_mark = -1
+    try:
+        if len(data) <= SEND_PIECE:
+            http.deadline = trio.current_time() + timeout
+            await stream.send_all(data)
+        else:
+            view = memoryview(data)
+            for start in range(0, len(data), SEND_PIECE):
+                http.deadline = trio.current_time() + timeout
+                await stream.send_all(view[start : start + SEND_PIECE])
+    finally:
+        http.phase = APP
+        http.deadline = math.inf
+
+
+async def _linger(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close, then read and drop what the client still sends: until it closes too,
+    for at most LINGER_SECONDS and LINGER_BYTES."""
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+        except _CLOSE_ERRORS:
+            pass
+
+
+async def _close_tls(stream: trio.SSLStream[Any], linger: bool) -> None:
+    """Send our ``close_notify``, within LINGER_SECONDS, then close (lingering if asked).
+
+    trio's SSLStream skips the ``close_notify`` in ``aclose()`` when ``https_compatible``
+    is set (we set it so that clients need not send theirs), so it is unset first. To
+    linger, ``unwrap()`` sends it and then reads until the client answers with its own,
+    closes, or sends more data; then the TCP connection lingers as a plain one does."""
+    transport = stream.transport_stream
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
+        try:
+            if linger:
+                await stream.unwrap()
+            else:
+                stream._https_compatible = False
+                await stream.aclose()
+        except _CLOSE_ERRORS:
+            pass
+    if linger and isinstance(transport, trio.SocketStream):
+        await _linger(transport)
+    await trio.aclose_forcefully(transport)
+
+
+def _socket_of(stream: trio.abc.Stream) -> Any:
+    """The socket under ``stream`` (a stdlib or trio one), or None."""
+    return getattr(getattr(stream, "transport_stream", stream), "socket", None)
+
+
+def _queued(stream: trio.abc.Stream) -> int:
+    """Bytes the kernel holds for the client (SIOCOUTQ: not sent, or not acknowledged
+    yet); -1 if that cannot be known."""
+    try:
+        found = fcntl.ioctl(_socket_of(stream).fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (AttributeError, OSError, ValueError):
+        return -1
+    return int(struct.unpack("i", found)[0])
+
+
+def _reset_on_close(stream: trio.abc.Stream) -> None:
+    """Make closing ``stream`` send a reset: the kernel drops what the client did not
+    take, instead of holding it (and the connection) for a client that does not read."""
+    try:
+        _socket_of(stream).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    except (AttributeError, OSError):
+        pass

@@ -56,8 +56,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 # The shape of a heartbeat's ``stats``. Every key is optional (a missing one counts as 0).
-COUNTERS = ("requests", "bytes_in", "bytes_out")  # cumulative; summed into the herd's totals
-WORKER_COUNTS = ("open",)  # per worker: open connections now
+# cumulative; summed into the herd's totals
+COUNTERS = ("requests", "bytes_in", "bytes_out", "ws_messages_in", "ws_messages_out")
+WORKER_COUNTS = ("open", "websockets")  # per worker: open connections, WebSockets now
 STATUS = "status"  # {"2xx": n, ...}: requests by status class; summed into the totals
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -203,11 +204,6 @@ class Channel:
         if self.closed:
             raise ChannelClosed("channel closed")
         return not self._send_lock.locked() and self.try_send(data, fds)
-
-    async def wait_room(self) -> None:
-        """Wait until a send would not block (in turn with queued senders)."""
-        async with self._send_lock:
-            await trio.lowlevel.wait_writable(self.sock)
 
     def receive_nowait(self) -> tuple[bytes, list[int]]:
         """One packet and its fds. BlockingIOError when none; ChannelClosed on EOF."""

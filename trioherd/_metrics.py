@@ -8,7 +8,7 @@ counters of an exited worker are folded into the totals, never lost.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -43,6 +43,7 @@ def render(herd: Herd) -> str:
         "# HELP trioherd_connections_open Connections open in the workers now.",
         "# TYPE trioherd_connections_open gauge",
         f"trioherd_connections_open {totals['connections']}",
+        *_websocket_lines(herd, totals),
         "# HELP trioherd_connections_moved_total Connections taken back from a worker that"
         " could not take them (slow, hung, dead) and passed to another.",
         "# TYPE trioherd_connections_moved_total counter",
@@ -54,9 +55,7 @@ def render(herd: Herd) -> str:
         "# HELP trioherd_workers Worker slots the herd keeps.",
         "# TYPE trioherd_workers gauge",
         f"trioherd_workers {herd.size}",
-        "# HELP trioherd_reloads_total Rolling reloads started.",
-        "# TYPE trioherd_reloads_total counter",
-        f"trioherd_reloads_total {herd.reloads}",
+        *_reload_lines(herd),
         "# HELP trioherd_respawns_total Workers replaced, by cause.",
         "# TYPE trioherd_respawns_total counter",
     ]
@@ -86,6 +85,62 @@ def render(herd: Herd) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reload_lines(herd: Herd) -> list[str]:
+    """Rolling reloads: those that succeeded, and those a replacement failed."""
+    return [
+        "# HELP trioherd_reloads_total Rolling reloads that succeeded.",
+        "# TYPE trioherd_reloads_total counter",
+        f"trioherd_reloads_total {herd.reloads}",
+        "# HELP trioherd_reloads_failed_total Rolling reloads stopped by a replacement that"
+        " could not boot (the old workers kept serving).",
+        "# TYPE trioherd_reloads_failed_total counter",
+        f"trioherd_reloads_failed_total {herd.reloads_failed}",
+    ]
+
+
+def _websocket_lines(herd: Herd, totals: dict[str, Any]) -> list[str]:
+    """The WebSocket gauge and counters (each open WebSocket is also an open connection)."""
+    websockets = sum(int(worker.stats.get("websockets", 0)) for worker in herd.workers)
+    return [
+        "# HELP trioherd_websockets_open WebSockets open in the workers now.",
+        "# TYPE trioherd_websockets_open gauge",
+        f"trioherd_websockets_open {websockets}",
+        "# HELP trioherd_websocket_messages_total WebSocket messages received (in) and sent"
+        " (out).",
+        "# TYPE trioherd_websocket_messages_total counter",
+        f'trioherd_websocket_messages_total{{direction="in"}} {totals["ws_messages_in"]}',
+        f'trioherd_websocket_messages_total{{direction="out"}} {totals["ws_messages_out"]}',
+    ]
+
+
+def readiness(herd: Herd) -> str | None:
+    """Why the herd should get no traffic now (a one-line reason), or None if it is ready:
+    at least one worker is ready and taking connections, and the herd is not stopping."""
+    if herd.stopping:
+        return "stopping"
+    serving = [w for w in herd.workers if w.state == "ready" and herd.handoff.is_dispatching_to(w)]
+    if not serving:
+        return "no worker is ready to take connections"
+    return None
+
+
+def answer(herd: Herd, path: bytes) -> tuple[bytes, bytes, bytes]:
+    """(body, status line, content type) for a GET of ``path`` on the metrics listener:
+    /metrics, /livez (200 while the primary runs), /readyz (200 or 503 with the reason)."""
+    text = b"text/plain; charset=utf-8"
+    if path == b"/metrics":
+        return render(herd).encode(), b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
+    if path == b"/livez":
+        return b"ok\n", b"200 OK", text
+    if path == b"/readyz":
+        reason = readiness(herd)
+        if reason is None:
+            ready = sum(1 for w in herd.workers if w.state == "ready")
+            return f"ready: {ready} of {herd.size} workers\n".encode(), b"200 OK", text
+        return f"not ready: {reason}\n".encode(), b"503 Service Unavailable", text
+    return b"not found\n", b"404 Not Found", text
+
+
 async def serve_metrics(
     herd: Herd, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -104,12 +159,7 @@ async def serve_metrics(
             if b"\r\n\r\n" not in head:
                 return
             path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
-            if path.split(b"?")[0] == b"/metrics":
-                body = render(herd).encode()
-                status = b"200 OK"
-                ctype = b"text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
+            body, status, ctype = answer(herd, path.split(b"?")[0])
             response = (
                 b"HTTP/1.1 "
                 + status

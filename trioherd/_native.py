@@ -25,8 +25,18 @@ class NativeAdapter:
     def __init__(self, app: Callable[[Request], Awaitable[Any]]) -> None:
         self.app = app
 
-    async def __call__(self, http: HTTPConnection, request: RequestHead) -> int:
-        response = await self.app(make_request(http, request))
+    async def __call__(
+        self, http: HTTPConnection, request: RequestHead, upgrade: Any = None
+    ) -> int:
+        if http.upgrade and upgrade is None:  # maybe a WebSocket (_websocket, loaded then)
+            from ._websocket import serve_native
+
+            status = await serve_native(self, http, request)  # calls us with its Upgrade
+            if status:
+                return status
+        response = await self.app(make_request(http, request, upgrade))
+        if upgrade is not None and upgrade.websocket is not None:
+            return 101  # the app accepted the WebSocket: what it returned is not sent
         if not isinstance(response, Response):
             if isinstance(response, bytes | str):
                 response = Response(response)
@@ -50,8 +60,9 @@ class NativeAdapter:
         return status
 
 
-def make_request(http: HTTPConnection, request: RequestHead) -> Request:
-    """The native Request for a request head read on ``http``."""
+def make_request(http: HTTPConnection, request: RequestHead, upgrade: Any = None) -> Request:
+    """The native Request for a request head read on ``http`` (``upgrade``: the WebSocket
+    handshake it asks for, ``_websocket.Upgrade``)."""
     target = request.target.decode("latin-1")
     path, _, query = target.partition("?")
     return Request(
@@ -64,6 +75,7 @@ def make_request(http: HTTPConnection, request: RequestHead) -> Request:
         scheme=http.scheme,
         tls=http.tls,
         reader=BodyReader(http),
+        upgrade=upgrade,
     )
 
 

@@ -36,9 +36,11 @@ from ._errors import (
 )
 from ._events import EventHub, HerdEvent
 from ._handoff import Handoff
+from ._log import plural
 from ._policy import after_exit, backoff_delay, free_indexes
 from ._process import Slot, WorkerProcess, spawn, worker_env
 from ._recycle import Recycler
+from ._tls import new_ticket_keys
 
 log = logging.getLogger("trioherd.primary")
 
@@ -53,7 +55,9 @@ class Herd:
         self.handoff = handoff
         self.addresses: list[str] = [listener.url for listener in handoff.listeners]
         self.pid = os.getpid()
-        self.reloads = 0
+        self.reloads = 0  # rolling reloads that succeeded
+        self.reloads_failed = 0
+        self.started = False  # every slot had a ready worker once; the herd was handed out
         self.respawns: dict[str, int] = {}
         self.forced = False
         self.metrics_url: str | None = None
@@ -74,6 +78,7 @@ class Herd:
         replace = partial(self._replace, wait=False)  # a slot may recycle again at once
         self._recycler = Recycler(config, handoff, replace, self._count_respawn)
         self._env = worker_env()
+        self._ticket_keys = new_ticket_keys() if config.tls else b""  # kept across reloads
 
     # -- public API --------------------------------------------------------------------
 
@@ -96,9 +101,15 @@ class Herd:
     def stopping(self) -> bool:
         return self._stopping
 
+    @property
+    def url(self) -> str:
+        """The first listener's address, such as ``http://127.0.0.1:8000``."""
+        return self.addresses[0]
+
     def events(self, kind: str | None = None) -> AsyncIterator[HerdEvent]:
-        """Every worker event (of ``kind``, if given) from this call on. The buffer is
-        bounded: a reader that falls more than 1000 events behind misses the newest."""
+        """Every worker event (of ``kind``, if given) from this call on; messages that no
+        earlier subscriber took come first (see _events). A reader 1000 events behind
+        misses the newest."""
         return self._events.subscribe(kind)
 
     def messages(self) -> AsyncIterator[HerdEvent]:
@@ -120,7 +131,7 @@ class Herd:
             return
         self._stopping = self._recycler.stopping = True
         self._notify("stopping")
-        log.info("stopping: disconnecting %d workers", len(self._workers))
+        log.info("stopping: disconnecting %s", plural(len(self._workers), "worker"))
         self.handoff.close()
         for slot in self._slots:
             slot.active = False
@@ -145,7 +156,7 @@ class Herd:
             return
         active = [slot for slot in self._slots if slot.active]
         if count > len(active):
-            log.info("scaling up to %d workers", count)
+            log.info("scaling up to %s", plural(count, "worker"))
             workers = []
             for slot in self._new_slots(count - len(active)):
                 with contextlib.suppress(OSError):  # logged; the slot retries later
@@ -153,7 +164,7 @@ class Herd:
             for worker in workers:
                 await _first(worker.ready_event, worker.exited_event)
         elif count < len(active):
-            log.info("scaling down to %d workers", count)
+            log.info("scaling down to %s", plural(count, "worker"))
             by_age = sorted(active, key=lambda s: s.worker.started_at if s.worker else math.inf)
             leaving = by_age[: len(active) - count]
             for slot in leaving:
@@ -172,9 +183,8 @@ class Herd:
         async with self._rolling:
             if self._stopping:
                 return
-            self.reloads += 1
             self._notify("reloading")
-            log.info("reloading %d workers", self.size)
+            log.info("reloading %s", plural(self.size, "worker"))
             began = time.monotonic()
             try:
                 for slot in list(self._slots):
@@ -182,9 +192,13 @@ class Herd:
                         fresh = slot.worker is not None and slot.worker.started_at > began
                         if slot.active and not self._stopping and not fresh:
                             await self._replace(slot, "reload")
+            except ReloadError:
+                self.reloads_failed += 1
+                raise
             finally:
                 if not self._stopping:
                     self._notify("ready")
+            self.reloads += 1
             log.info("reload complete")
 
     def totals(self) -> dict[str, Any]:
@@ -199,7 +213,6 @@ class Herd:
         """Boot the workers, hand the herd to ``task_status`` once every slot has a ready
         worker, and supervise until stopped. Raises WorkerBootError if workers keep dying
         before they become ready, StoppedBeforeReady if a stop came first."""
-        started = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -209,7 +222,7 @@ class Herd:
                     await nursery.start(self.handoff.run)
                     self._notify("ready")
                     task_status.started(self)
-                    started = True
+                    self.started = True
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -217,7 +230,7 @@ class Herd:
                 await self._kill_all()
         if self._fatal is not None:
             raise self._fatal
-        if not started:
+        if not self.started:
             stopped = StoppedBeforeReady("the herd was stopped before every worker was ready")
             stopped.forced = self.forced
             raise stopped
@@ -274,7 +287,8 @@ class Herd:
     def _spawn(self, slot: Slot, *, replacing: bool = False) -> WorkerProcess:
         worker_id = self._next_id
         self._next_id += 1
-        worker = spawn(worker_id, slot, self.config, self.handoff.listeners, self._env)
+        listeners, keys = self.handoff.listeners, self._ticket_keys
+        worker = spawn(worker_id, slot, self.config, listeners, self._env, keys)
         self._workers.append(worker)
         if not replacing:
             slot.worker = worker
@@ -346,7 +360,7 @@ class Herd:
             worker.pid,
             exc,
         )
-        self.handoff.withdraw(worker)
+        self.handoff.disowned(worker)
         self._recycler.recycle(worker, "protocol error")
 
     def _on_ready(self, worker: WorkerProcess) -> None:
@@ -361,7 +375,7 @@ class Herd:
         self._progress.set()
         worker.ready_event.set()
         self._publish("ready", worker)
-        log.debug("worker %d (pid %d) ready", worker.id, worker.pid)
+        _log_ready(worker, self.started)
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         worker.record_exit()
@@ -373,7 +387,7 @@ class Herd:
         worker.ready_event.set()  # nobody waits forever on a worker that is gone
         self._progress.set()
         self._publish("exit", worker)
-        _log_exit(worker)
+        _log_exit(worker, self.started)
         slot = worker.slot
         if slot.worker is not worker:
             return  # a replacement that never took over, or a replaced worker
@@ -402,7 +416,8 @@ class Herd:
 
     def _give_up(self) -> None:
         log.critical(
-            "%d workers in a row died before they became ready; giving up", self._boot_failures
+            "%s in a row died before they became ready; giving up",
+            plural(self._boot_failures, "worker"),
         )
         self._fatal = WorkerBootError(self._last_boot_error)
         self._tasks.start_soon(self.stop)
@@ -483,7 +498,20 @@ class Herd:
             self.on_state_change(state)
 
 
-def _log_exit(worker: WorkerProcess) -> None:
+def _about(worker: WorkerProcess) -> dict[str, int]:
+    """The ``extra=`` of a log line about a worker (fields of a JSON log line)."""
+    return {"worker": worker.id, "worker_pid": worker.pid}
+
+
+def _log_ready(worker: WorkerProcess, started: bool) -> None:
+    # during the first boot at debug: ``listening on`` is the first line at info, and the
+    # command line logs the ready lines of the first workers after it
+    level = logging.INFO if started else logging.DEBUG
+    log.log(level, "worker %d (pid %d) ready", worker.id, worker.pid, extra=_about(worker))
+
+
+def _log_exit(worker: WorkerProcess, started: bool) -> None:
+    about = _about(worker)
     if worker.drained_itself and not worker.requested_disconnect:
         log.info(
             "worker %d (pid %d) in slot %d drained on its own (SIGTERM) and exited (%s)",
@@ -491,6 +519,7 @@ def _log_exit(worker: WorkerProcess) -> None:
             worker.pid,
             worker.slot.index,
             worker.describe_exit(),
+            extra=about,
         )
     elif worker.requested_disconnect:
         log.info(
@@ -498,6 +527,7 @@ def _log_exit(worker: WorkerProcess) -> None:
             worker.id,
             worker.pid,
             worker.describe_exit(),
+            extra=about,
         )
     else:
         log.warning(
@@ -506,6 +536,19 @@ def _log_exit(worker: WorkerProcess) -> None:
             worker.pid,
             worker.slot.index,
             worker.describe_exit(),
+            extra=about,
+        )
+    if worker.boot_error and worker.ready_at is None and worker.slot.worker is worker:
+        # A replacement's error is its reload's (logged there). During the first boot it is
+        # at debug: the give-up message prints it, so the user reads it once, not N times.
+        level = logging.ERROR if started else logging.DEBUG
+        log.log(
+            level,
+            "worker %d (pid %d) could not boot:\n%s",
+            worker.id,
+            worker.pid,
+            worker.boot_error.rstrip(),
+            extra=about,
         )
 
 

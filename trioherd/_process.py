@@ -158,8 +158,8 @@ class WorkerProcess:
                 return
 
     async def tell_disconnect(self, grace: float) -> None:
-        """Ask the worker to drain within ``grace``; for one that drains on its own, this
-        also says that no connection follows this message."""
+        """Ask the worker to drain within ``grace`` (the hand-off's end marker tells it
+        when it has every connection meant for it)."""
         with contextlib.suppress(_ipc.ChannelClosed, OSError):
             await self.channel.send(_ipc.encode("disconnect", grace=grace))
 
@@ -302,10 +302,16 @@ def worker_env() -> dict[str, str]:
 
 
 def spawn(
-    worker_id: int, slot: Slot, config: Config, listeners: list[Listener], env: dict[str, str]
+    worker_id: int,
+    slot: Slot,
+    config: Config,
+    listeners: list[Listener],
+    env: dict[str, str],
+    ticket_keys: bytes = b"",
 ) -> WorkerProcess:
     """Start a worker interpreter and send it its init message (with the listening
-    sockets, for the shared policy). Raises OSError when no process can be started."""
+    sockets, for the shared policy, and the herd's TLS session-ticket keys). Raises OSError
+    when no process can be started."""
     limit = request_limit(config.max_requests, config.max_requests_jitter)
     shared = config.dispatch == "shared"
     init = _ipc.encode(
@@ -316,6 +322,7 @@ def spawn(
         limit=limit,
         families=[int(listener.sock.family) for listener in listeners],
         config=config.to_wire(),
+        tickets=ticket_keys.hex(),
     )
     primary_end, worker_end = _ipc.channel_pair()
     conns_end, conns_worker_end = _ipc.channel_pair()

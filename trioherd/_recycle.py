@@ -66,8 +66,9 @@ class Recycler:
         if self.stopping:
             return
         max_memory = self.config.max_memory
-        if worker.over_limit(max_memory):
-            self._handoff.withdraw(worker)
+        failed_lately = trio.current_time() < worker.recycle_after
+        if worker.over_limit(max_memory) and not failed_lately:
+            self._handoff.withdraw(worker)  # (after a failed successor: it serves on)
         reason = worker.recycle_reason(max_memory)
         if reason is not None and not worker.slot.lock.locked():
             self.recycle(worker, reason)

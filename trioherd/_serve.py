@@ -15,7 +15,7 @@ import signal
 
 import trio
 
-from . import _tls
+from . import _aio, _reload, _tls
 from ._config import Config
 from ._control import start_control_server
 from ._errors import ReloadError, StoppedBeforeReady, WorkerBootError
@@ -39,6 +39,8 @@ async def serve(
     :class:`Herd` once every worker is ready. Raises WorkerBootError if workers keep dying
     before they become ready, ConfigError for a bad listener."""
     _tls.check(config)
+    _reload.check(config)  # --reload and --asyncio need their extras: exit 2 without them
+    _aio.check(config)
     raise_open_files_limit()  # workers inherit it
     listeners = open_listeners(config)
     herd = Herd(config, Handoff(listeners, config))
@@ -55,6 +57,8 @@ async def serve(
                 services.start_soon(handle_signals, herd, services)
             if config.metrics_bind:
                 herd.metrics_url = await services.start(serve_metrics, herd)
+            if config.reload:  # watching from before the workers import the app
+                services.start_soon(_reload.watch, herd)
             try:
                 await herd.run(task_status=task_status)
             except (WorkerBootError, StoppedBeforeReady) as exc:
@@ -62,6 +66,7 @@ async def serve(
             services.cancel_scope.cancel()
     if failure is not None:
         raise failure
+    log.info("stopped")
 
 
 async def handle_signals(herd: Herd, nursery: trio.Nursery) -> None:

@@ -13,8 +13,11 @@ that stalls or speaks garbage costs that one connection and nothing more.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import secrets
 import ssl
+import sys
 from typing import Any
 
 import trio
@@ -134,6 +137,123 @@ def check(config: Config) -> None:
     """Build the context once in the primary to report a bad setup before spawning."""
     if config.tls and not config.ssl_context_factory:
         server_context(config)
+
+
+# -- session tickets shared by the herd --------------------------------------------------
+#
+# Each SSL_CTX starts with random session-ticket keys of its own, so a ticket one worker
+# issued means nothing to the next worker the dispatcher picks: every reconnecting client
+# paid a full handshake. The primary makes one set of keys per herd (new_ticket_keys) and
+# sends it in every worker's init message; the worker installs it in its context
+# (share_ticket_keys). Python's ssl module has no API for this, so it goes through ctypes:
+# OpenSSL's SSL_CTX_ctrl(SSL_CTRL_SET_TLSEXT_TICKET_KEYS) on the SSL_CTX that CPython keeps
+# right after the object header of an SSLContext (Modules/_ssl.c: PySSLContext). Anything
+# unexpected leaves the context as it was, with one warning: never a failed boot.
+
+TICKET_KEYS_SIZE = 80
+"""A 16-byte key name, a 32-byte HMAC secret and a 32-byte AES key (OpenSSL 1.1 and 3)."""
+_GET_TICKET_KEYS = 58  # SSL_CTRL_GET_TLSEXT_TICKET_KEYS in ssl.h
+_SET_TICKET_KEYS = 59  # SSL_CTRL_SET_TLSEXT_TICKET_KEYS
+
+
+def new_ticket_keys() -> bytes:
+    """The session-ticket keys of one herd: made once by the primary, kept for its life."""
+    return secrets.token_bytes(TICKET_KEYS_SIZE)
+
+
+def share_ticket_keys(context: ssl.SSLContext, keys: object) -> bool:
+    """Seal and open the session tickets of ``context`` with the herd's ``keys`` (their hex
+    string, from the init message), so that a returning client resumes on any worker.
+
+    True once they are installed. Never raises: without keys (plain HTTP) it does nothing;
+    with keys it cannot install (malformed, or a Python or OpenSSL this does not know) it
+    logs one warning and leaves the context its own keys, so that a client resumes only on
+    the worker that issued its ticket.
+    """
+    if not keys:
+        return False
+    try:
+        if not isinstance(keys, str):
+            raise TypeError(f"keys are a {type(keys).__name__}, not a hex string")
+        problem = _install_ticket_keys(context, bytes.fromhex(keys))
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        log.warning(
+            "TLS session tickets stay per worker (a client resumes only on the worker "
+            "that issued its ticket): %s",
+            problem,
+        )
+        return False
+    log.debug("TLS session-ticket keys of the herd installed")
+    return True
+
+
+def _install_ticket_keys(context: ssl.SSLContext, keys: bytes) -> str | None:
+    """Set the ticket keys of the SSL_CTX behind ``context``; None, or what stopped it."""
+    if len(keys) != TICKET_KEYS_SIZE:
+        return f"{len(keys)} bytes of keys, not {TICKET_KEYS_SIZE}"
+    if sys.implementation.name != "cpython" or not isinstance(context, ssl.SSLContext):
+        return "not a CPython ssl.SSLContext"
+    lib = _libssl()
+    if isinstance(lib, str):
+        return lib
+    # struct PySSLContext { PyObject_HEAD; SSL_CTX *ctx; ... }: the pointer is checked by
+    # asking OpenSSL for the context's options, which must be what Python reports
+    ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not ctx or lib.SSL_CTX_get_options(ctx) != int(context.options):
+        return "the SSL_CTX of the SSLContext is not where CPython keeps it"
+    size = lib.SSL_CTX_ctrl(ctx, _SET_TICKET_KEYS, 0, None)  # no buffer: asks the size
+    if size != TICKET_KEYS_SIZE:
+        return f"OpenSSL wants {size} bytes of ticket keys, not {TICKET_KEYS_SIZE}"
+    written = ctypes.create_string_buffer(keys, TICKET_KEYS_SIZE)
+    read_back = ctypes.create_string_buffer(TICKET_KEYS_SIZE)
+    try:
+        if (
+            lib.SSL_CTX_ctrl(ctx, _SET_TICKET_KEYS, TICKET_KEYS_SIZE, written) != 1
+            or lib.SSL_CTX_ctrl(ctx, _GET_TICKET_KEYS, TICKET_KEYS_SIZE, read_back) != 1
+            or read_back.raw != keys
+        ):
+            lib.ERR_clear_error()  # leave nothing in the queue for the next ssl call
+            return "OpenSSL refused the ticket keys"
+    finally:
+        ctypes.memset(written, 0, TICKET_KEYS_SIZE)
+        ctypes.memset(read_back, 0, TICKET_KEYS_SIZE)
+    return None
+
+
+_libssl_cache: list[ctypes.CDLL | str] = []
+
+
+def _libssl() -> ctypes.CDLL | str:
+    """The OpenSSL that Python's ``_ssl`` module is linked with, its functions typed; or,
+    as a string, why it cannot be used."""
+    if not _libssl_cache:
+        _libssl_cache.append(_load_libssl())
+    return _libssl_cache[0]
+
+
+def _load_libssl() -> ctypes.CDLL | str:
+    path = getattr(sys.modules.get("_ssl"), "__file__", None)
+    try:
+        lib = ctypes.CDLL(path)  # dlsym on _ssl's handle also searches its libssl, libcrypto
+        lib.OpenSSL_version_num.restype = ctypes.c_ulong
+        lib.OpenSSL_version_num.argtypes = []
+        version = int(lib.OpenSSL_version_num())
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        # uint64_t in OpenSSL 3, unsigned long in 1.1
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64 if version >> 28 else ctypes.c_ulong
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.ERR_clear_error.restype = None
+        lib.ERR_clear_error.argtypes = []
+    except (OSError, AttributeError) as exc:
+        return f"OpenSSL's functions are not reachable from Python's _ssl ({exc})"
+    if version != ssl.OPENSSL_VERSION_NUMBER:
+        return f"OpenSSL {version:#x} found, but Python's ssl uses {ssl.OPENSSL_VERSION}"
+    if version >> 28 != 3 and version >> 20 != 0x101:
+        return f"{ssl.OPENSSL_VERSION} is not OpenSSL 1.1 or 3"
+    return lib
 
 
 # RFC 4514 short names of the attribute types Python's getpeercert() spells out in full.

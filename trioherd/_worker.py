@@ -39,15 +39,16 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from . import _app, _ipc
+from . import _aio, _app, _ipc
 from ._asgi import ASGIAdapter
 from ._config import Config
 from ._errors import ConfigError, IPCProtocolError
 from ._http import Adapter, HTTPConnection, ServerState
 from ._listeners import accept_fd
-from ._log import setup_logging
+from ._log import capture_output, setup_logging
 from ._native import NativeAdapter
 from ._policy import recycle_threshold
+from ._proxyproto import ProxyProtocolError, read_header
 from ._rawstream import RawSocketStream
 
 log = logging.getLogger("trioherd.worker")
@@ -141,6 +142,7 @@ class Worker:
         self.ssl_context: Any = None
         self.conn_nursery: trio.Nursery | None = None
         self.early: list[tuple[bytes, list[int]]] = []
+        self.ticket_keys: object = init.get("tickets")  # hex: the herd's TLS ticket keys
         # near and at this many requests the primary recycles us: tell it at once, not at
         # the next heartbeat
         self.request_limit = int(init.get("limit", 0))
@@ -162,10 +164,14 @@ class Worker:
         spec = self.config.app or "trioherd._demo:app"
         app = _app.load(spec)
         interface = _app.detect_interface(app, self.config.interface)
+        if self.config.asyncio:  # an asyncio-only ASGI app, in a trio-asyncio loop
+            app = _aio.wrap(app, interface)
         if self.config.tls:
-            from ._tls import server_context
+            from ._tls import server_context, share_ticket_keys
 
             self.ssl_context = server_context(self.config)
+            if not self.config.ssl_context_factory:  # a factory's context is used as it is
+                share_ticket_keys(self.ssl_context, self.ticket_keys)
         return app, interface
 
     # -- connections -------------------------------------------------------------------
@@ -248,9 +254,11 @@ class Worker:
             while True:
                 try:
                     batch = await self.conns.receive_batch()
-                except (_ipc.ChannelClosed, IPCProtocolError) as exc:
-                    if not isinstance(exc, _ipc.ChannelClosed):
-                        log.error("bad connection packet from the primary: %s", exc)
+                except _ipc.ChannelClosed:
+                    return
+                except IPCProtocolError as exc:  # truncated: the channel cannot be trusted
+                    log.error("bad connection packet from the primary (%s); draining", exc)
+                    await self.begin_drain(self.config.graceful_timeout, announce=True)
                     return
                 if await self.take(batch):
                     return
@@ -411,13 +419,14 @@ def app_traceback(exc: BaseException) -> str:
 
 
 def _boot_failed(channel: _ipc.Channel, text: str) -> NoReturn:
-    sys.stderr.write(text if text.endswith("\n") else text + "\n")
-    sys.stderr.flush()
+    """Tell the primary why we cannot boot, and exit. The primary prints it (once, not once
+    per worker); only if it cannot be told is it written here."""
     try:
         channel.sock.setblocking(True)
         channel.sock.send(_ipc.encode("boot_error", text=text[-60000:]))
     except OSError:
-        pass
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        sys.stderr.flush()
     os._exit(EXIT_BOOT_ERROR)
 
 
@@ -437,7 +446,13 @@ async def _main(fd: int, conn_fd: int) -> None:
     worker = Worker(channel, conns, init, fds)
     worker.early = batch[1:]  # e.g. a disconnect sent right after the init
     _current = worker
-    setup_logging(worker.config.log_level, f"w{worker.info.id}")
+    config = worker.config
+    handler = setup_logging(
+        config.log_level, f"w{worker.info.id}", config.log_format, worker.info.id
+    )
+    capture_output(worker.info.id, config.log_format)  # what the app prints: tagged lines
+    if not config.asyncio:
+        handler.addFilter(_aio.AsyncioHint())
     if worker.config.access_log:  # asked for explicitly: not silenced by --log-level
         logging.getLogger("trioherd.access").setLevel(logging.INFO)
     try:
@@ -445,9 +460,9 @@ async def _main(fd: int, conn_fd: int) -> None:
     except ConfigError as exc:  # e.g. certificate files that broke since the primary checked
         _boot_failed(channel, f"trioherd: error: {exc}")
     except BaseException as exc:
-        _boot_failed(channel, app_traceback(exc))
+        _boot_failed(channel, _aio.with_hint(app_traceback(exc), config))
 
-    async with trio.open_nursery() as nursery:
+    async with _aio.loop(config), trio.open_nursery() as nursery:
         lifespan = None
         if interface == "asgi":
             from ._lifespan import Lifespan
@@ -455,7 +470,7 @@ async def _main(fd: int, conn_fd: int) -> None:
             lifespan = Lifespan(app, worker.state.asgi_state)
             error = await lifespan.startup(nursery)
             if error is not None:
-                _boot_failed(channel, error)
+                _boot_failed(channel, _aio.with_hint(error, config))
         worker.handler = _make_handler(worker, app, interface)
 
         async def ready() -> None:
@@ -476,12 +491,12 @@ async def _main(fd: int, conn_fd: int) -> None:
 
 def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
     """The coroutine each accepted socket is given to, for the app's interface."""
-    timeout = worker.config.tls_handshake_timeout
+    config = worker.config
     if interface == "stream":
-        return _stream_handler(app, worker.ssl_context, timeout)
+        return _stream_handler(app, worker.ssl_context, config)
     adapter = _adapter(app, interface, worker.state)
     if worker.ssl_context is not None:
-        return _tls_handler(worker.state, adapter, worker.ssl_context, timeout)
+        return _tls_handler(worker.state, adapter, worker.ssl_context)
     return _plain_handler(worker.state, adapter)
 
 
@@ -493,17 +508,19 @@ def _adapter(app: Any, interface: str, state: ServerState) -> Adapter:
     return NativeAdapter(app)
 
 
-def _stream_handler(app: Any, ssl_context: Any, timeout: float) -> Handler:
+def _stream_handler(app: Any, ssl_context: Any, config: Config) -> Handler:
     """A raw stream handler: the app gets the stream (after the TLS handshake, if any)."""
 
     async def handle_stream(sock: socket.socket) -> None:
+        if await _addresses(sock, config) is None:
+            return
         plain = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         stream: trio.abc.Stream = plain
         try:
             if ssl_context is not None:
                 from ._tls import handshake
 
-                secured = await handshake(plain, ssl_context, timeout)
+                secured = await handshake(plain, ssl_context, config.tls_handshake_timeout)
                 if secured is None:
                     return
                 stream = secured[0]
@@ -514,27 +531,41 @@ def _stream_handler(app: Any, ssl_context: Any, timeout: float) -> Handler:
     return handle_stream
 
 
-def _addresses(sock: socket.socket) -> tuple[Any, Any]:
-    """(client, server) addresses of a TCP connection; (None, None) for a Unix one."""
-    client: Any = sock.getpeername()
-    if not isinstance(client, tuple):  # a Unix socket has no client address
-        return None, None
-    return client[:2], sock.getsockname()[:2]
+async def _addresses(sock: socket.socket, config: Config) -> tuple[Any, Any] | None:
+    """(client, server) addresses of a connection ((None, None) on a Unix socket); with
+    --proxy-protocol the client is the one its PROXY header names. None: close it."""
+    try:
+        client: Any = sock.getpeername()
+        server: Any = sock.getsockname()
+    except OSError:
+        return None
+    if isinstance(client, tuple):
+        client, server = client[:2], server[:2]
+    else:  # a Unix socket has no client address
+        client = server = None
+    if not config.proxy_protocol:
+        return client, server
+    try:
+        source = await read_header(sock, trio.current_time() + config.header_timeout)
+    except (ProxyProtocolError, trio.TooSlowError, OSError) as exc:
+        log.debug("closing a connection without a valid PROXY header: %s", exc or "timeout")
+        return None
+    return (source or client), server
 
 
-def _tls_handler(
-    state: ServerState, adapter: Adapter, ssl_context: Any, timeout: float
-) -> Handler:
+def _tls_handler(state: ServerState, adapter: Adapter, ssl_context: Any) -> Handler:
     """HTTPS: the TLS handshake in the connection's task, then HTTP over trio's SSLStream."""
     from ._tls import handshake
 
+    config = state.config
+
     async def handle_tls(sock: socket.socket) -> None:
-        try:
-            client, server = _addresses(sock)
-        except OSError:
+        addresses = await _addresses(sock, config)
+        if addresses is None:
             return
+        client, server = addresses
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        secured = await handshake(stream, ssl_context, timeout)
+        secured = await handshake(stream, ssl_context, config.tls_handshake_timeout)
         if secured is None:
             return
         tls_stream, tls = secured
@@ -545,14 +576,14 @@ def _tls_handler(
 
 def _plain_handler(state: ServerState, adapter: Adapter) -> Handler:
     """Plain HTTP over a raw non-blocking socket (see ``_rawstream``)."""
+    config = state.config
 
     async def handle(sock: socket.socket) -> None:
-        try:
-            client, server = _addresses(sock)
-        except OSError:
+        addresses = await _addresses(sock, config)
+        if addresses is None:
             return
         stream = RawSocketStream(sock, nodelay=False)  # the primary's listeners have it
-        await HTTPConnection(state, adapter, stream, client, server).run()
+        await HTTPConnection(state, adapter, stream, *addresses).run()
 
     return handle
 

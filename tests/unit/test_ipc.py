@@ -84,8 +84,14 @@ def full_stats() -> dict[str, object]:
 
 
 def test_the_stats_shape_is_what_a_worker_sends() -> None:
-    assert _ipc.COUNTERS == ("requests", "bytes_in", "bytes_out")
-    assert _ipc.WORKER_COUNTS == ("open",)
+    assert _ipc.COUNTERS == (
+        "requests",
+        "bytes_in",
+        "bytes_out",
+        "ws_messages_in",
+        "ws_messages_out",
+    )
+    assert _ipc.WORKER_COUNTS == ("open", "websockets")
     assert _ipc.STATUS == "status"
     assert _ipc.STATUS_CLASSES == ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -137,11 +143,13 @@ def test_check_stats_error_is_short() -> None:
 
 
 def test_total_stats_sums_counters_and_status_classes() -> None:
-    assert _ipc.total_stats([]) == {"requests": 0, "bytes_in": 0, "bytes_out": 0, "status": {}}
+    zeros = dict.fromkeys(_ipc.COUNTERS, 0)
+    assert _ipc.total_stats([]) == {**zeros, "status": {}}
     first = {"requests": 2, "bytes_in": 10, "open": 4, "status": {"2xx": 2}}
     second = {"requests": 3, "bytes_out": 7, "status": {"2xx": 1, "4xx": 2}}
     totals = _ipc.total_stats([first, {}, second])
     assert totals == {
+        **zeros,
         "requests": 5,
         "bytes_in": 10,
         "bytes_out": 7,

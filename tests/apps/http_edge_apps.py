@@ -1,0 +1,30 @@
+"""A native app for tests/test_http_edges.py: what it saw, echoes, and big answers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+from trioherd import Request, Response
+
+PID = str(os.getpid())
+MIB = 1024 * 1024
+
+
+async def app(request: Request) -> Response:
+    headers = {"x-pid": PID}
+    path = request.path
+    if path == "/echo":  # reads the whole body
+        return Response(await request.body(), headers=headers)
+    if path == "/big":  # ?mb=N: N MiB, known length, one send
+        size = int(request.query.partition("=")[2] or 8) * MIB
+        return Response(b"x" * size, headers=headers)
+    if path == "/big-stream":  # ?mb=N: N MiB, streamed in 64 KiB pieces
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for _ in range(int(request.query.partition("=")[2] or 8) * 16):
+                yield b"y" * 65536
+
+        return Response(pieces(), headers=headers)
+    # anything else: what the app was asked, without reading a body
+    return Response(f"{request.method} {path} {request.query}".strip(), headers=headers)

@@ -1,0 +1,25 @@
+"""An ASGI app that shows what it was told about its client (tests/test_proxies.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+async def asgi_client(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    headers = dict(scope["headers"])
+    body = {
+        "client": list(scope["client"]) if scope["client"] else None,
+        "scheme": scope["scheme"],
+        "x-forwarded-for": headers.get(b"x-forwarded-for", b"").decode(),
+    }
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})

@@ -1,0 +1,119 @@
+"""The PROXY protocol (HAProxy's, v1 text and v2 binary): the real client address a load
+balancer puts in front of every connection it opens to the herd.
+
+:func:`parse` is sans-IO. :func:`read_header` reads one header from a raw socket inside
+the worker without reading a byte past it (each read is sized by what a peek showed), so
+what follows — an HTTP request, or a TLS ClientHello — is left for the next layer.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import trio
+
+Address = tuple[str, int]
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_PREFIX = b"PROXY "
+V1_MAX = 107  # the longest v1 line, CRLF included
+V2_MAX = 16 + 4096  # the fixed part + addresses and TLVs we accept
+_V2_FIXED = struct.Struct("!12sBBH")
+
+
+class ProxyProtocolError(Exception):
+    """Not a valid PROXY protocol header."""
+
+
+class NeedData(Exception):
+    """The data is the beginning of a header: every byte of it belongs to the header."""
+
+
+def parse(data: bytes) -> tuple[Address | None, int]:
+    """(source address or None for LOCAL/UNKNOWN, header length) from the start of
+    ``data``. Raises NeedData when more is needed, ProxyProtocolError when it is not a
+    header."""
+    if data[:1] == b"P":
+        return _parse_v1(data)
+    if data[:1] == b"\r":
+        return _parse_v2(data)
+    if not data:
+        raise NeedData()
+    raise ProxyProtocolError("no PROXY protocol header")
+
+
+def _parse_v1(data: bytes) -> tuple[Address | None, int]:
+    if not data.startswith(V1_PREFIX[: len(data)]):
+        raise ProxyProtocolError("no PROXY protocol header")
+    end = data.find(b"\r\n", 0, V1_MAX)
+    if end < 0:
+        if len(data) >= V1_MAX:
+            raise ProxyProtocolError("PROXY v1 line too long")
+        raise NeedData()
+    parts = data[:end].decode("ascii", "replace").split(" ")
+    if len(parts) >= 2 and parts[1] == "UNKNOWN":
+        return None, end + 2
+    if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
+        raise ProxyProtocolError(f"bad PROXY v1 line {data[:end]!r}")
+    family = socket.AF_INET if parts[1] == "TCP4" else socket.AF_INET6
+    try:
+        socket.inet_pton(family, parts[2])
+        socket.inet_pton(family, parts[3])
+        port = int(parts[4])
+        int(parts[5])
+    except (OSError, ValueError):
+        raise ProxyProtocolError(f"bad PROXY v1 line {data[:end]!r}") from None
+    if not 0 <= port <= 65535 or not parts[4].isdigit():
+        raise ProxyProtocolError(f"bad PROXY v1 port {parts[4]!r}")
+    return (parts[2], port), end + 2
+
+
+def _parse_v2(data: bytes) -> tuple[Address | None, int]:
+    if not V2_SIGNATURE.startswith(data[:12]):
+        raise ProxyProtocolError("no PROXY protocol header")
+    if len(data) < 16:
+        raise NeedData()
+    _, version_command, family, length = _V2_FIXED.unpack_from(data)
+    if version_command >> 4 != 2 or version_command & 0x0F not in (0, 1):
+        raise ProxyProtocolError(f"bad PROXY v2 version/command {version_command:#x}")
+    total = 16 + length
+    if total > V2_MAX:
+        raise ProxyProtocolError("PROXY v2 header too long")
+    if len(data) < total:
+        raise NeedData()
+    if version_command & 0x0F == 0:  # LOCAL: the balancer's own connection (health check)
+        return None, total
+    body = data[16:total]
+    if family == 0x11 and len(body) >= 12:  # TCP over IPv4
+        return (socket.inet_ntop(socket.AF_INET, body[:4]), int.from_bytes(body[8:10])), total
+    if family == 0x21 and len(body) >= 36:  # TCP over IPv6
+        host = socket.inet_ntop(socket.AF_INET6, body[:16])
+        return (host, int.from_bytes(body[32:34])), total
+    if family == 0x00:  # UNSPEC
+        return None, total
+    raise ProxyProtocolError(f"unsupported PROXY v2 address family {family:#x}")
+
+
+async def read_header(sock: socket.socket, deadline: float) -> Address | None:
+    """Read one PROXY header from a non-blocking socket by ``deadline`` (trio time).
+    Returns the source address (None: keep the socket's own). Raises ProxyProtocolError
+    for anything else, trio.TooSlowError past the deadline.
+
+    Never reads past the header: it peeks, and takes only bytes that parse() has shown
+    to belong to the header (all of an incomplete one, exactly the length of a whole one).
+    """
+    data = b""
+    with trio.fail_at(deadline):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            peeked = sock.recv(V2_MAX, socket.MSG_PEEK)
+            if not peeked:
+                raise ProxyProtocolError("connection closed before its PROXY header")
+            try:
+                address, length = parse(data + peeked)
+            except NeedData:
+                data += sock.recv(len(peeked))
+                continue
+            sock.recv(length - len(data))  # peeked, so it is all there
+            return address

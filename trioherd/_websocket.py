@@ -1,0 +1,924 @@
+"""WebSocket (RFC 6455) in the worker: the opening handshake read from the request h11
+parsed, the frame protocol of wsproto, and both app interfaces on top of one session.
+
+The layout, one request that asks for a WebSocket (``Connection: upgrade`` and
+``Upgrade: websocket``; ``HTTPConnection.upgrade`` flags a request with an ``Upgrade`` field
+while its head is checked, so other requests pay nothing):
+
+- :func:`read_handshake` reads the handshake from the request head (None: not a WebSocket
+  request, or ``--ws none``: plain HTTP); a malformed one is refused before the app runs
+  (400, 426 with ``Sec-WebSocket-Version: 13``; 503 while the worker drains);
+- the adapter (``_asgi``, ``_native``) runs the app with an :class:`Upgrade`, which the app
+  accepts (the 101 response, then a :class:`WebSocket`) or refuses (403, or a full HTTP
+  response: ASGI's ``websocket.http.response`` extension, a native ``Response``);
+- a :class:`WebSocket` is one open connection: a reader task feeds wsproto and puts whole
+  messages in a small inbox (the app's ``receive``), answers pings, runs the close
+  handshake; a keepalive task pings the client; sends take turns on the stream (a
+  compressed frame must go out in the order it was made).
+
+Closing: whoever closes first, the other side answers, then the server half-closes and
+waits a moment (:data:`CLOSE_TIMEOUT`) for the client to close its side. A protocol error
+from the client (wsproto reports it as a close: 1002, 1007) or a message over
+``--ws-max-size`` (1009) closes with that code. A worker that drains closes each open
+WebSocket with 1001 (Going Away) and the app gets ``websocket.disconnect``; a client that
+does not answer a ping within ``--ws-ping-timeout`` is dropped. An app that raises after
+accepting closes with 1011 and one log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import trio
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, Pong, TextMessage
+from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.utilities import LocalProtocolError, generate_accept_token
+
+from ._framing import _BAD_VALUE, _TOKEN, Fields, InvalidResponse, http_date, reason
+from ._http import ClientGone, HTTPConnection, RequestHead
+from ._rawstream import RawSocketStream
+
+log = logging.getLogger("trioherd.http")
+
+RECEIVE_SIZE = 65536
+CLOSE_TIMEOUT = 1.0
+"""Seconds to wait for the client's part of a close: its close frame after ours, its end
+of the TCP connection after the handshake (the drain's deadline bounds it too)."""
+INBOX = 16
+"""Messages the watcher reads ahead for an app that is away; then it stops reading."""
+AWAY = 0.5
+"""Seconds an app may spend away from receive() before the watcher reads for it."""
+NORMAL, GOING_AWAY, ABNORMAL, TOO_BIG, INTERNAL_ERROR = 1000, 1001, 1006, 1009, 1011
+_OPEN = ConnectionState.OPEN
+_CLOSED = ConnectionState.CLOSED
+_REMOTE_CLOSING = ConnectionState.REMOTE_CLOSING
+_LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+_OURS = (b"upgrade", b"connection", b"sec-websocket-accept", b"sec-websocket-extensions")
+_DEFLATE_PARAMS = {
+    "client_no_context_takeover",
+    "server_no_context_takeover",
+    "client_max_window_bits",
+    "server_max_window_bits",
+}
+
+
+class WebSocketClosed(ConnectionError):
+    """The WebSocket is closed. ``code`` is the close code (the client's, or ours; 1006:
+    the connection was lost without a close frame), ``reason`` its text.
+
+    A ``ConnectionError`` (an ``OSError``), which is what ASGI asks a server to raise when
+    an app sends on a closed connection."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"WebSocket closed with {code}" + (f" ({reason})" if reason else ""))
+        self.code = code
+        self.reason = reason
+
+
+# -- the handshake ----------------------------------------------------------------------
+
+
+class Handshake:
+    """A request that asks for a WebSocket, as read from its head (RFC 6455 4.2.1)."""
+
+    __slots__ = ("extensions", "key", "refusal", "subprotocols")
+
+    def __init__(
+        self,
+        key: bytes,
+        subprotocols: list[str],
+        extensions: list[str],
+        refusal: tuple[int, str, Fields] | None,
+    ) -> None:
+        self.key = key
+        self.subprotocols = subprotocols
+        self.extensions = extensions
+        self.refusal = refusal  # (status, why, extra headers): answered before the app runs
+
+    def response(
+        self, subprotocol: str | None, headers: Iterable[tuple[bytes, bytes]], deflate: bool
+    ) -> tuple[bytes, list[Extension]]:
+        """The 101 response head accepting it, and the extensions agreed on."""
+        if subprotocol is not None and subprotocol not in self.subprotocols:
+            raise RuntimeError(
+                f"WebSocket subprotocol {subprotocol!r} was not offered by the client "
+                f"(offered: {self.subprotocols})"
+            )
+        parts = [
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-accept: %s\r\n" % generate_accept_token(self.key)
+        ]
+        if subprotocol is not None:
+            parts.append(b"sec-websocket-protocol: %s\r\n" % subprotocol.encode("latin-1"))
+        extensions: list[Extension] = []
+        agreed = _negotiate_deflate(self.extensions) if deflate else None
+        if agreed is not None:
+            parts.append(b"sec-websocket-extensions: %s\r\n" % agreed[0])
+            extensions.append(agreed[1])
+        has_date = has_server = False
+        for name, value in headers:
+            lowered = name.lower()
+            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
+            if lowered == b"sec-websocket-protocol":
+                raise RuntimeError("choose the WebSocket subprotocol with subprotocol=")
+            if lowered in _OURS:
+                continue
+            has_date = has_date or lowered == b"date"
+            has_server = has_server or lowered == b"server"
+            parts.append(b"%s: %s\r\n" % (name, value))
+        if not has_date:
+            parts.append(b"date: %s\r\n" % http_date())
+        if not has_server:
+            parts.append(b"server: trioherd\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts), extensions
+
+
+def read_handshake(http: HTTPConnection, request: RequestHead) -> Handshake | None:
+    """The WebSocket handshake a request asks for; None if it asks for none (or ``--ws
+    none``): it is then served as plain HTTP."""
+    if http.state.config.ws == "none":
+        return None
+    upgrade = connection = False
+    keys: list[bytes] = []
+    version = None
+    subprotocols: list[str] = []
+    extensions: list[str] = []
+    for name, value in http.headers:
+        if name == b"upgrade":
+            upgrade = upgrade or b"websocket" in _tokens(value)
+        elif name == b"connection":
+            connection = connection or b"upgrade" in _tokens(value)
+        elif name == b"sec-websocket-key":
+            keys.append(value.strip())
+        elif name == b"sec-websocket-version":
+            version = value.strip()
+        elif name == b"sec-websocket-protocol":
+            subprotocols.extend(_items(value))
+        elif name == b"sec-websocket-extensions":
+            extensions.extend(_items(value))
+    if not (upgrade and connection):
+        return None
+    refusal: tuple[int, str, Fields] | None = None
+    if request.method != b"GET" or request.http_version != b"1.1" or not http.bodyless:
+        refusal = (400, "a WebSocket handshake is an HTTP/1.1 GET without a body", [])
+    elif version != b"13":
+        refusal = (426, f"WebSocket version {version!r}", [(b"sec-websocket-version", b"13")])
+    elif len(keys) != 1 or not _valid_key(keys[0]):
+        refusal = (400, "bad Sec-WebSocket-Key", [])
+    elif http.state.draining:
+        refusal = (503, "the worker is shutting down", [(b"retry-after", b"1")])
+    return Handshake(keys[0] if keys else b"", subprotocols, extensions, refusal)
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [token.strip() for token in value.lower().split(b",")]
+
+
+def _items(value: bytes) -> list[str]:
+    return [item.strip() for item in value.decode("latin-1").split(",") if item.strip()]
+
+
+def _valid_key(key: bytes) -> bool:
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _negotiate_deflate(offers: list[str]) -> tuple[bytes, PerMessageDeflate] | None:
+    """The first permessage-deflate offer we can take (RFC 7692): the header value of our
+    answer, and the extension configured for it; None if there is none."""
+    for offer in offers:
+        name, _, params = offer.partition(";")
+        if name.strip() != "permessage-deflate" or not _acceptable_deflate(params):
+            continue
+        extension = PerMessageDeflate()
+        try:
+            agreed = extension.accept(offer)
+        except ValueError:
+            continue
+        if agreed is None or agreed is False:
+            continue
+        header = b"permessage-deflate"
+        if isinstance(agreed, str) and agreed:
+            header += b"; " + agreed.encode("ascii")
+        return header, extension
+    return None
+
+
+def _acceptable_deflate(params: str) -> bool:
+    """RFC 7692 7.1: decline an offer with an unknown or repeated parameter, or a window
+    size we cannot use (zlib's raw deflate takes 9 to 15)."""
+    seen = set()
+    for param in params.split(";"):
+        name, eq, value = (part.strip() for part in param.partition("="))
+        if not name:
+            continue
+        if name not in _DEFLATE_PARAMS or name in seen:
+            return False
+        seen.add(name)
+        value = value.strip('"')
+        if name.endswith("window_bits"):
+            if eq and not (value.isdigit() and 9 <= int(value) <= 15):
+                return False
+            if not eq and name == "server_max_window_bits":
+                return False
+        elif eq:
+            return False
+    return True
+
+
+async def _refuse(http: HTTPConnection, status: int, detail: str, extra: Fields) -> int:
+    """An HTTP answer instead of a WebSocket (the connection closes after it)."""
+    body = b"%d %s\n" % (status, reason(status))
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), *extra]
+    await http.send_complete(status, headers, body)
+    log.debug("%d to %s: %s", status, http.client, detail)
+    return status
+
+
+# -- one open WebSocket -------------------------------------------------------------------
+
+
+class WebSocket:
+    """One open WebSocket: what ``await request.accept_websocket()`` gives a native app
+    (the ASGI interface drives the same object).
+
+    Messages are ``str`` (text) or ``bytes`` (binary). :meth:`receive` raises
+    :class:`WebSocketClosed` once the connection is closed, whoever closed it, and
+    ``async for message in websocket`` just ends there; :meth:`send` raises it too.
+
+    Reading: the app's task reads from the connection itself while it waits in
+    :meth:`receive`, so a message costs one trip through Trio's scheduler; a watcher task
+    reads for it while it does not (away for AWAY seconds, done, or the connection is
+    closing), so that pings are answered and a close is seen. A close (or a protocol
+    error) that comes behind messages waits until the app has answered them, at most
+    CLOSE_TIMEOUT.
+    """
+
+    __slots__ = (
+        "_alarm",
+        "_app_done",
+        "_app_wait",
+        "_caught_up",
+        "_http",
+        "_in_receive",
+        "_inbox",
+        "_leaving",
+        "_lingering",
+        "_max_size",
+        "_nursery",
+        "_parts",
+        "_pending",
+        "_pong",
+        "_proto",
+        "_reading",
+        "_receives",
+        "_size",
+        "_sock",
+        "_stats",
+        "_waiting",
+        "_watch_lot",
+        "_watch_scope",
+        "_writers",
+        "_writing",
+        "_ws",
+        "close_code",
+        "close_reason",
+        "done",
+        "subprotocol",
+    )
+
+    def __init__(
+        self,
+        http: HTTPConnection,
+        ws: Connection,
+        subprotocol: str | None,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._http = http
+        self._ws = ws
+        # wsproto's frame protocol, to frame a message without an event object (the hot
+        # path) and after a close was received (see _frame)
+        self._proto: Any = getattr(ws, "_proto", None)
+        stream = http.stream
+        self._sock = stream.socket if isinstance(stream, RawSocketStream) else None
+        self.subprotocol = subprotocol
+        """The subprotocol chosen when it was accepted (None: none)."""
+        self._nursery = nursery
+        self._stats = http.state.stats
+        self._max_size = http.state.config.ws_max_size
+        self._inbox: collections.deque[str | bytes] = collections.deque()
+        self._parts: list[Any] = []  # the pieces of a fragmented message
+        self._size = 0  # its bytes so far
+        self._reading = False  # a task is reading (the app, or the watcher)
+        self._in_receive = False  # the app waits in receive(): it answered what it got
+        self._receives = 0  # receive() calls that had to wait: the app is not away
+        self._waiting: trio.lowlevel.Task | None = None  # the app, waiting for the watcher
+        self._app_wait: trio.CancelScope | None = None  # around the app's wait for data
+        self._app_done = False
+        self._pending: CloseConnection | None = None  # a close held until the app caught up
+        self._caught_up = trio.lowlevel.ParkingLot()
+        self._watch_lot = trio.lowlevel.ParkingLot()  # the watcher, while the app reads
+        self._alarm = trio.lowlevel.ParkingLot()  # the watcher, until a close or the end
+        self._watch_scope = trio.CancelScope()
+        self._writing = False
+        self._writers = trio.lowlevel.ParkingLot()
+        self._pong = trio.Event()
+        self._leaving = False
+        self._lingering = False
+        self.done = trio.Event()
+        """Set when the connection is over: close handshake done, or connection lost."""
+        self.close_code: int | None = None
+        """How it closed, once it has (see :class:`WebSocketClosed`)."""
+        self.close_reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    # -- the app's side ----------------------------------------------------------------
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises WebSocketClosed once the connection is closed."""
+        inbox = self._inbox
+        if inbox:
+            return inbox.popleft()
+        self._in_receive = True
+        self._receives += 1
+        try:
+            while not inbox:
+                if self._pending is not None:  # the app answered what came before it
+                    await self._settle()
+                if self.close_code is not None:
+                    raise WebSocketClosed(self.close_code, self.close_reason)
+                if self._reading:  # the watcher reads: wait for what it finds
+                    self._waiting = trio.lowlevel.current_task()
+                    try:
+                        await trio.lowlevel.wait_task_rescheduled(self._abort_waiting)
+                    finally:
+                        self._waiting = None
+                else:
+                    await self._read_some(app=True)
+            return inbox.popleft()
+        finally:
+            self._in_receive = False
+            if self._watch_lot:
+                self._watch_lot.unpark()  # the watcher waits for the app to go away
+
+    def _abort_waiting(self, _: Any) -> trio.lowlevel.Abort:
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[str | bytes]:
+        while True:
+            try:
+                message = await self.receive()
+            except WebSocketClosed:
+                return
+            yield message
+
+    async def send(self, message: str | bytes) -> None:
+        """Send a text (str) or binary (bytes) message."""
+        if not isinstance(message, str | bytes | bytearray | memoryview):
+            raise TypeError(f"a WebSocket message is str or bytes, not {type(message).__name__}")
+        proto = self._proto
+        if self._writing or proto is None or self._ws.state is not _OPEN:
+            await self._send_slowly(message)
+        else:  # the usual case, without an event object or a wait for a turn
+            self._writing = True
+            try:
+                await self._http.write(bytes(proto.send_data(message, True)))
+            except _STREAM_ERRORS:
+                self._ended(ABNORMAL, "")
+                raise WebSocketClosed(ABNORMAL) from None
+            finally:
+                self._writing = False
+                if self._writers:
+                    self._writers.unpark()
+        self._stats.ws_out += 1
+
+    async def _send_slowly(self, message: str | bytes | bytearray | memoryview) -> None:
+        if isinstance(message, str):
+            event: Event = TextMessage(data=message)
+        else:
+            event = BytesMessage(data=bytes(message))
+        try:
+            sent = await self._write(event)
+        except _STREAM_ERRORS:
+            self._ended(ABNORMAL, "")
+            sent = False
+        if not sent:
+            raise WebSocketClosed(self.close_code or ABNORMAL, self.close_reason)
+
+    async def close(self, code: int = NORMAL, reason: str = "") -> None:
+        """Start the close handshake (a no-op once the connection is closing). The client
+        has CLOSE_TIMEOUT seconds to answer; messages that arrive meanwhile are dropped."""
+        if self._ws.state is not _OPEN or self._pending is not None:
+            return
+        self._ended(code, reason)
+        try:
+            await self._write(CloseConnection(code=code, reason=reason or None))
+        except _STREAM_ERRORS:
+            pass
+        self._wait_for_client()
+
+    def going_away(self) -> None:
+        """The worker drains: close with 1001, which the app sees as a disconnect."""
+        if not self._leaving and self._ws.state is _OPEN:
+            self._leaving = True
+            self._nursery.start_soon(self.close, GOING_AWAY, "server shutting down")
+
+    # -- the connection's side ------------------------------------------------------------
+
+    def start(self, ping_interval: float, ping_timeout: float) -> None:
+        self._nursery.start_soon(self._watch)
+        if ping_interval > 0:
+            self._nursery.start_soon(self._keepalive, ping_interval, ping_timeout)
+
+    async def finish(self, error: BaseException | None) -> None:
+        """After the app is done: close if it did not (1011 if it raised), then give the
+        client a moment to finish the close handshake."""
+        self._app_done = True
+        self._inbox.clear()
+        self._watch_lot.unpark_all()
+        self._alarm.unpark_all()
+        self._caught_up.unpark_all()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if self._pending is not None:
+                await self._settle()
+            await self.close(INTERNAL_ERROR if error is not None else NORMAL)
+            await self.done.wait()
+
+    def _ended(self, code: int, reason: str) -> None:
+        """The connection is closing or closed: the app's receive says how (at once)."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            if self._app_wait is not None:
+                self._app_wait.cancel()  # the app's own read
+            if self._waiting is not None:
+                trio.lowlevel.reschedule(self._waiting)
+            self._watch_lot.unpark_all()  # the watcher reads from now on
+            self._alarm.unpark_all()
+
+    def _wait_for_client(self) -> None:
+        """From now on the watcher waits at most CLOSE_TIMEOUT for the client's part."""
+        deadline = trio.current_time() + CLOSE_TIMEOUT
+        self._watch_scope.deadline = min(self._watch_scope.deadline, deadline)
+
+    async def _write(self, event: Event) -> bool:
+        """Frame ``event`` and send it, one writer at a time (a compressed frame must go
+        out in the order it was made). False if the state no longer allows it."""
+        while self._writing:
+            await self._writers.park()
+        self._writing = True
+        try:
+            try:
+                data = self._frame(event)
+            except LocalProtocolError:
+                return False  # e.g. our close crossed the client's, which was answered
+            await self._http.write(data)
+            return True
+        finally:
+            self._writing = False
+            if self._writers:
+                self._writers.unpark()
+
+    def _frame(self, event: Event) -> bytes:
+        ws = self._ws
+        if self._lingering and ws.state is _REMOTE_CLOSING and isinstance(event, Message):
+            # RFC 6455 5.5.1: the answer to a close may wait until the message being sent
+            # is sent. wsproto sends no data after a close: its frame protocol frames it
+            return bytes(self._proto.send_data(event.data, event.message_finished))
+        return ws.send(event)
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _read_some(self, app: bool) -> None:
+        """Read once from the client and act on it (for the app: until _ended)."""
+        self._reading = True
+        stats = self._stats
+        try:
+            data: bytes | None = None
+            try:
+                if app:
+                    with trio.CancelScope() as self._app_wait:
+                        data = await self._receive_data()
+                    self._app_wait = None
+                    if data is None:  # _ended woke us
+                        return
+                else:
+                    data = await self._receive_data()
+            except (OSError, *_STREAM_ERRORS):
+                data = b""
+            if not data:
+                self._lost()
+                return
+            stats.bytes_in += len(data)
+            ws = self._ws
+            state = ws.state
+            if state is _OPEN or state is _LOCAL_CLOSING:  # else only until EOF
+                ws.receive_data(data)
+                await self._process()
+        finally:
+            self._reading = False
+            if self._waiting is not None:  # the app waits for what the watcher read
+                trio.lowlevel.reschedule(self._waiting)
+            if self._alarm and (self.close_code is not None or self._app_done):
+                self._alarm.unpark_all()  # the watcher reads from now on
+
+    async def _receive_data(self) -> bytes:
+        """One read: wait until the socket is readable, then take what is there."""
+        sock = self._sock
+        if sock is None:
+            return bytes(await self._http.stream.receive_some(RECEIVE_SIZE)) or b""
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+
+    def _lost(self) -> None:
+        """The read side is over (EOF, error): whatever did not close cleanly is 1006."""
+        self._ended(ABNORMAL, "")
+        self.done.set()
+        if self._pending is not None:
+            self._pending = None
+            self._lingering = False
+        self._caught_up.unpark_all()
+
+    async def _process(self) -> None:
+        """Act on what wsproto parsed."""
+        for event in self._ws.events():
+            kind = type(event)
+            if kind is TextMessage or kind is BytesMessage:
+                self._message(event)  # type: ignore[arg-type]
+            elif kind is Ping:
+                await self._write(event.response())  # type: ignore[attr-defined]
+            elif kind is Pong:
+                self._pong.set()
+            elif kind is CloseConnection:
+                await self._close_frame(event)  # type: ignore[arg-type]
+                return
+            if self._pending is not None:  # a message over the limit: no more reading
+                return
+
+    def _message(self, event: TextMessage | BytesMessage) -> None:
+        if self._ws.state is not _OPEN or self._pending is not None:
+            return  # we are closing: what still comes is dropped
+        data: Any = event.data  # str or bytes
+        size = self._size + len(data)
+        if type(data) is str and self._size + 4 * len(data) > self._max_size:
+            size = self._size + len(data.encode("utf-8", "surrogatepass"))
+        if size > self._max_size:
+            self._parts = []
+            self._pending = CloseConnection(code=TOO_BIG, reason="message too big")
+            return
+        if not event.message_finished:
+            self._parts.append(data)
+            self._size = size
+            return
+        if self._parts:
+            self._parts.append(data)
+            data = ("" if type(data) is str else b"").join(self._parts)
+            self._parts = []
+            self._size = 0
+        self._stats.ws_in += 1
+        if not self._app_done:
+            self._inbox.append(data)
+
+    async def _close_frame(self, event: CloseConnection) -> None:
+        """A close from the client, its answer to ours, or wsproto's report of a protocol
+        error (a close in the OPEN state): held until the app answered what came before."""
+        if self._ws.state is _CLOSED:  # the answer to ours
+            await self._half_close()
+            return
+        self._pending = event
+        self._lingering = self._ws.state is _REMOTE_CLOSING  # the app's answers still go
+        if self._app_done or (self._in_receive and not self._inbox):
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Act on the close held back: answer the client's close, or fail the connection
+        with the protocol error's code (1002, 1007) or 1009."""
+        event, self._pending = self._pending, None
+        self._lingering = False
+        self._caught_up.unpark_all()
+        if event is None:
+            return
+        self._ended(event.code, event.reason or "")
+        if self._ws.state is _REMOTE_CLOSING:
+            await self._write(event.response())
+        elif self._ws.state is _OPEN:
+            await self._write(CloseConnection(code=event.code, reason=event.reason or None))
+        await self._half_close()
+
+    async def _half_close(self) -> None:
+        """Our side is done (RFC 6455 7.1.1: the server closes the TCP connection first):
+        half-close a plain connection, and let the watcher wait a moment for the client's
+        end. Over TLS the close_notify follows when the connection closes."""
+        self._wait_for_client()
+        self._alarm.unpark_all()
+        stream = self._http.stream
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            while self._writing:
+                await self._writers.park()
+            with contextlib.suppress(OSError, *_STREAM_ERRORS):
+                await stream.send_eof()
+
+    async def _watch(self) -> None:
+        """Read for the app while it does not: when it is away (AWAY seconds without
+        waiting in receive), done, or the connection is closing; until the end."""
+        with self._watch_scope:
+            while not self.done.is_set():
+                if self._pending is not None and not self._app_done:
+                    with trio.move_on_after(CLOSE_TIMEOUT):  # the app answers, then settles
+                        await self._caught_up.park()
+                    if self._pending is not None:
+                        await self._settle()
+                elif self.close_code is not None or self._app_done:
+                    if not self._reading:
+                        await self._read_some(app=False)
+                    else:
+                        await self._alarm.park()  # until the app's read is over
+                elif self._in_receive:
+                    await self._watch_lot.park()  # until the app takes a message
+                else:
+                    await self._watch_away()
+        if self._watch_scope.cancelled_caught:  # the client took too long to close
+            _abort(self._http.stream)
+            self._lost()
+
+    async def _watch_away(self) -> None:
+        """The app is busy with a message: if it stays away AWAY seconds, read for it."""
+        seen = self._receives
+        with trio.move_on_after(AWAY):
+            await self._alarm.park()  # only a close or the app's end cuts this short
+        if seen == self._receives and not self._in_receive and not self._reading:
+            if len(self._inbox) < INBOX and self.close_code is None and not self._app_done:
+                await self._read_some(app=False)
+
+    async def _keepalive(self, interval: float, timeout: float) -> None:
+        """Ping every ``interval``; a client that does not answer within ``timeout`` (or
+        does not even take the ping) is dropped."""
+        while True:
+            await trio.sleep(interval)
+            if self._ws.state is not _OPEN:
+                return
+            self._pong = trio.Event()
+            with trio.move_on_after(timeout or math.inf) as waited:
+                try:
+                    await self._write(Ping(payload=b"trioherd"))
+                except _STREAM_ERRORS:
+                    return
+                await self._pong.wait()
+            if waited.cancelled_caught:
+                log.info("WebSocket client %s did not answer a ping: dropped", self._http.client)
+                self._ended(ABNORMAL, "ping timeout")
+                _abort(self._http.stream)
+                return
+
+
+def _abort(stream: trio.abc.Stream) -> None:
+    """Close the socket under ``stream`` now: whatever waits on it is woken with
+    ClosedResourceError (the connection's own close follows later)."""
+    transport = getattr(stream, "transport_stream", stream)
+    if isinstance(transport, RawSocketStream):
+        transport.close()
+    elif isinstance(transport, trio.SocketStream):
+        transport.socket.close()
+
+
+# -- the app's answer to a handshake --------------------------------------------------------
+
+
+class Upgrade:
+    """A request that asks for a WebSocket, until the app accepts it or answers with HTTP.
+    A native ``Request`` holds it (``request.accept_websocket()``)."""
+
+    __slots__ = ("handshake", "http", "nursery", "websocket")
+
+    def __init__(self, http: HTTPConnection, handshake: Handshake) -> None:
+        self.http = http
+        self.handshake = handshake
+        self.nursery: trio.Nursery | None = None
+        self.websocket: WebSocket | None = None
+
+    @property
+    def subprotocols(self) -> list[str]:
+        return self.handshake.subprotocols
+
+    async def accept(
+        self, subprotocol: str | None = None, headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> WebSocket:
+        """Answer 101 Switching Protocols; from now on the connection is a WebSocket."""
+        http = self.http
+        if self.websocket is not None or http.response_started:
+            raise RuntimeError("the WebSocket handshake was answered already")
+        assert self.nursery is not None
+        config = http.state.config
+        head, extensions = self.handshake.response(
+            subprotocol, headers, config.ws_per_message_deflate
+        )
+        early = http.conn.trailing_data[0]  # frames that came right behind the request
+        ws = Connection(ConnectionType.SERVER, extensions, trailing_data=early)
+        websocket = WebSocket(http, ws, subprotocol, self.nursery)
+        await http.send(head)
+        self.websocket = websocket
+        http.state.websockets.add(websocket)
+        http.state.stats.ws_open += 1
+        websocket.start(config.ws_ping_interval, config.ws_ping_timeout)
+        return websocket
+
+    async def run(self, app: Callable[[], Awaitable[Any]], target: bytes) -> None:
+        """Run the app; after it accepted, close when it is done (1011 if it raised: one
+        log line). An error before it accepted propagates (a 500, if nothing was sent)."""
+        error: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                try:
+                    await app()
+                except Exception as exc:
+                    error = exc
+                websocket = self.websocket
+                if websocket is not None:
+                    if isinstance(error, WebSocketClosed):  # the app did not catch it: no error
+                        error = None
+                    elif error is not None:
+                        log.error(
+                            "app raised on WebSocket %s", target.decode("latin-1"), exc_info=error
+                        )
+                    await websocket.finish(error)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.websocket is not None:
+                self.http.state.websockets.discard(self.websocket)
+                self.http.state.stats.ws_open -= 1
+        if error is not None and self.websocket is None:
+            raise error
+
+
+# -- the app interfaces -------------------------------------------------------------------
+
+
+class ASGIHost(Protocol):
+    """What the ASGI adapter lends: the app, and the ``http`` scope of a request."""
+
+    app: Callable[..., Awaitable[None]]
+
+    def http_scope(self, http: HTTPConnection, request: RequestHead) -> dict[str, Any]: ...
+
+
+class NativeHost(Protocol):
+    """The native adapter, called again with the request's Upgrade."""
+
+    async def __call__(
+        self, http: HTTPConnection, request: RequestHead, upgrade: Any = None
+    ) -> int: ...
+
+
+async def serve_native(adapter: NativeHost, http: HTTPConnection, request: RequestHead) -> int:
+    """Serve a request that may ask for a WebSocket; 0 if it does not (plain HTTP)."""
+    handshake = read_handshake(http, request)
+    if handshake is None:
+        return 0
+    http.framing.keep_alive = False  # after a WebSocket, or a refusal, the connection ends
+    if handshake.refusal is not None:
+        return await _refuse(http, *handshake.refusal)
+    upgrade = Upgrade(http, handshake)
+    status = 0
+
+    async def app() -> None:
+        nonlocal status
+        status = await adapter(http, request, upgrade)
+
+    await upgrade.run(app, request.target)
+    return 101 if upgrade.websocket is not None else status
+
+
+async def serve_asgi(adapter: ASGIHost, http: HTTPConnection, request: RequestHead) -> int:
+    """Serve a request that may ask for a WebSocket with a ``websocket`` scope; 0 if it
+    does not (plain HTTP)."""
+    handshake = read_handshake(http, request)
+    if handshake is None:
+        return 0
+    http.framing.keep_alive = False
+    if handshake.refusal is not None:
+        return await _refuse(http, *handshake.refusal)
+    upgrade = Upgrade(http, handshake)
+    scope = adapter.http_scope(http, request)
+    scope["type"] = "websocket"
+    scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
+    scope["scheme"] = "wss" if http.scheme == "https" else "ws"
+    del scope["method"]
+    scope["subprotocols"] = handshake.subprotocols
+    scope.setdefault("extensions", {})["websocket.http.response"] = {}
+    exchange = ASGIWebSocket(upgrade)
+    app = adapter.app
+    await upgrade.run(lambda: app(scope, exchange.receive, exchange.send), request.target)
+    if upgrade.websocket is not None:
+        return 101
+    if not exchange.status:
+        raise RuntimeError("ASGI app returned without accepting or refusing the WebSocket")
+    if not exchange.answered.is_set():
+        raise ClientGone()  # the app stopped in the middle of its HTTP response
+    return exchange.status
+
+
+class ASGIWebSocket:
+    """The ``receive`` and ``send`` of one ASGI ``websocket`` scope (spec 2.4, with the
+    ``websocket.http.response`` extension)."""
+
+    __slots__ = ("answered", "connected", "pending", "status", "upgrade")
+
+    def __init__(self, upgrade: Upgrade) -> None:
+        self.upgrade = upgrade
+        self.connected = False  # websocket.connect was received
+        self.status = 0  # the HTTP status the app answered with instead (403, a denial)
+        self.pending: Fields | None = None  # websocket.http.response.start's headers
+        self.answered = trio.Event()  # accepted, or the HTTP answer is complete
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.connected:
+            self.connected = True
+            return {"type": "websocket.connect"}
+        websocket = self.upgrade.websocket
+        if websocket is None:
+            await self.answered.wait()
+            websocket = self.upgrade.websocket
+            if websocket is None:
+                return {"type": "websocket.disconnect", "code": ABNORMAL, "reason": ""}
+        try:
+            message = await websocket.receive()
+        except WebSocketClosed as closed:
+            return {"type": "websocket.disconnect", "code": closed.code, "reason": closed.reason}
+        if type(message) is str:
+            return {"type": "websocket.receive", "text": message}
+        return {"type": "websocket.receive", "bytes": message}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        websocket = self.upgrade.websocket
+        if kind == "websocket.send" and websocket is not None:
+            data = message.get("bytes")
+            if data is None:
+                data = message.get("text")
+                if data is None:
+                    raise RuntimeError("websocket.send without bytes or text")
+            await websocket.send(data)
+        elif kind == "websocket.close":
+            if websocket is not None:
+                await websocket.close(
+                    int(message.get("code") or NORMAL), message.get("reason") or ""
+                )
+            elif not self.status:  # before accepting: 403, and no WebSocket
+                self.status = 403
+                await _refuse(self.upgrade.http, 403, "the app closed the WebSocket", [])
+                self.answered.set()
+        elif kind == "websocket.accept" and websocket is None and not self.status:
+            headers = [(bytes(n), bytes(v)) for n, v in message.get("headers") or ()]
+            await self.upgrade.accept(message.get("subprotocol"), headers)
+            self.answered.set()
+        elif kind == "websocket.http.response.start" and websocket is None and not self.status:
+            self.status = int(message["status"])
+            self.pending = [(bytes(n), bytes(v)) for n, v in message.get("headers") or ()]
+        elif kind == "websocket.http.response.body" and self.status and websocket is None:
+            await self._deny(bytes(message.get("body", b"")), bool(message.get("more_body")))
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} in this WebSocket state")
+
+    async def _deny(self, body: bytes, more: bool) -> None:
+        """Part of the HTTP response the app answers with instead of accepting."""
+        if self.answered.is_set():
+            return
+        http = self.upgrade.http
+        if self.pending is not None:
+            headers, self.pending = self.pending, None
+            if not more:
+                await http.send_complete(self.status, headers, body)
+                self.answered.set()
+                return
+            data = http.head(self.status, headers, None) + http.framing.body(body)
+        else:
+            data = http.framing.body(body)
+        if not more:
+            data += http.framing.end()
+            self.answered.set()
+        if data:
+            await http.send(data)
