@@ -11,10 +11,11 @@ while its head is checked, so other requests pay nothing):
 - the adapter (``_asgi``, ``_native``) runs the app with an :class:`Upgrade`, which the app
   accepts (the 101 response, then a :class:`WebSocket`) or refuses (403, or a full HTTP
   response: ASGI's ``websocket.http.response`` extension, a native ``Response``);
-- a :class:`WebSocket` is one open connection: a reader task feeds wsproto and puts whole
-  messages in a small inbox (the app's ``receive``), answers pings, runs the close
-  handshake; a keepalive task pings the client; sends take turns on the stream (a
-  compressed frame must go out in the order it was made).
+- a :class:`WebSocket` is one open connection: the app's task reads and feeds wsproto
+  while it waits in ``receive``, a watcher task while it does not (see :class:`_Core`);
+  pings are answered, the close handshake run; a keepalive task pings the client; sends
+  take turns on the stream (a compressed frame must go out in the order it was made), and
+  answers to messages already read are sent together.
 
 Closing: whoever closes first, the other side answers, then the server half-closes and
 waits a moment (:data:`CLOSE_TIMEOUT`) for the client to close its side. A protocol error
@@ -33,6 +34,7 @@ import collections
 import contextlib
 import logging
 import math
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -62,6 +64,8 @@ _CLOSED = ConnectionState.CLOSED
 _REMOTE_CLOSING = ConnectionState.REMOTE_CLOSING
 _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
 _OURS = (b"upgrade", b"connection", b"sec-websocket-accept", b"sec-websocket-extensions")
 _DEFLATE_PARAMS = {
     "client_no_context_takeover",
@@ -251,27 +255,23 @@ async def _refuse(http: HTTPConnection, status: int, detail: str, extra: Fields)
 # -- one open WebSocket -------------------------------------------------------------------
 
 
-class WebSocket:
-    """One open WebSocket: what ``await request.accept_websocket()`` gives a native app
-    (the ASGI interface drives the same object).
-
-    Messages are ``str`` (text) or ``bytes`` (binary). :meth:`receive` raises
-    :class:`WebSocketClosed` once the connection is closed, whoever closed it, and
-    ``async for message in websocket`` just ends there; :meth:`send` raises it too.
+class _Core:
+    """The protocol side of a WebSocket (see :class:`WebSocket`): wsproto, the reads
+    of the app's task and of the watcher, the writes, the close handshake, the pings.
 
     Reading: the app's task reads from the connection itself while it waits in
-    :meth:`receive`, so a message costs one trip through Trio's scheduler; a watcher task
+    ``receive``, so a message costs one trip through Trio's scheduler; a watcher task
     reads for it while it does not (away for AWAY seconds, done, or the connection is
     closing), so that pings are answered and a close is seen. A close (or a protocol
     error) that comes behind messages waits until the app has answered them, at most
-    CLOSE_TIMEOUT.
-    """
+    CLOSE_TIMEOUT."""
 
     __slots__ = (
         "_alarm",
         "_app_done",
-        "_app_wait",
         "_caught_up",
+        "_corked",
+        "_failed",
         "_http",
         "_in_receive",
         "_inbox",
@@ -281,6 +281,7 @@ class WebSocket:
         "_nursery",
         "_parts",
         "_pending",
+        "_plain",
         "_pong",
         "_proto",
         "_reading",
@@ -312,6 +313,7 @@ class WebSocket:
         # wsproto's frame protocol, to frame a message without an event object (the hot
         # path) and after a close was received (see _frame)
         self._proto: Any = getattr(ws, "_proto", None)
+        self._plain = self._proto is not None and not self._proto.extensions
         stream = http.stream
         self._sock = stream.socket if isinstance(stream, RawSocketStream) else None
         self.subprotocol = subprotocol
@@ -326,15 +328,16 @@ class WebSocket:
         self._in_receive = False  # the app waits in receive(): it answered what it got
         self._receives = 0  # receive() calls that had to wait: the app is not away
         self._waiting: trio.lowlevel.Task | None = None  # the app, waiting for the watcher
-        self._app_wait: trio.CancelScope | None = None  # around the app's wait for data
         self._app_done = False
         self._pending: CloseConnection | None = None  # a close held until the app caught up
+        self._failed = False  # we failed the connection (1002, 1007, 1009)
         self._caught_up = trio.lowlevel.ParkingLot()
         self._watch_lot = trio.lowlevel.ParkingLot()  # the watcher, while the app reads
         self._alarm = trio.lowlevel.ParkingLot()  # the watcher, until a close or the end
         self._watch_scope = trio.CancelScope()
         self._writing = False
         self._writers = trio.lowlevel.ParkingLot()
+        self._corked: list[bytes] = []  # answers held back (see _cork)
         self._pong = trio.Event()
         self._leaving = False
         self._lingering = False
@@ -348,68 +351,45 @@ class WebSocket:
     def closed(self) -> bool:
         return self.close_code is not None
 
-    # -- the app's side ----------------------------------------------------------------
-
-    async def receive(self) -> str | bytes:
-        """The next message; raises WebSocketClosed once the connection is closed."""
-        inbox = self._inbox
-        if inbox:
-            return inbox.popleft()
-        self._in_receive = True
-        self._receives += 1
-        try:
-            while not inbox:
-                if self._pending is not None:  # the app answered what came before it
-                    await self._settle()
-                if self.close_code is not None:
-                    raise WebSocketClosed(self.close_code, self.close_reason)
-                if self._reading:  # the watcher reads: wait for what it finds
-                    self._waiting = trio.lowlevel.current_task()
-                    try:
-                        await trio.lowlevel.wait_task_rescheduled(self._abort_waiting)
-                    finally:
-                        self._waiting = None
-                else:
-                    await self._read_some(app=True)
-            return inbox.popleft()
-        finally:
-            self._in_receive = False
-            if self._watch_lot:
-                self._watch_lot.unpark()  # the watcher waits for the app to go away
-
     def _abort_waiting(self, _: Any) -> trio.lowlevel.Abort:
+        self._waiting = None
         return trio.lowlevel.Abort.SUCCEEDED
 
-    def __aiter__(self) -> AsyncIterator[str | bytes]:
-        return self._messages()
+    def _wake_app(self) -> None:
+        """Wake the app if it waits for what the watcher reads (once)."""
+        task, self._waiting = self._waiting, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
-    async def _messages(self) -> AsyncIterator[str | bytes]:
-        while True:
-            try:
-                message = await self.receive()
-            except WebSocketClosed:
-                return
-            yield message
+    def _cork(self, frame: bytes) -> None:
+        """Hold an answer while the app still has messages to answer (the next send, or
+        its next wait for a message, sends them together: one system call instead of
+        many), until it yields at the latest: the watcher (not reading, or we would not
+        hold it), woken now, sends it then."""
+        if not self._corked:
+            self._watch_lot.unpark_all()
+            self._alarm.unpark_all()
+        self._corked.append(frame)
 
-    async def send(self, message: str | bytes) -> None:
-        """Send a text (str) or binary (bytes) message."""
-        if not isinstance(message, str | bytes | bytearray | memoryview):
-            raise TypeError(f"a WebSocket message is str or bytes, not {type(message).__name__}")
-        proto = self._proto
-        if self._writing or proto is None or self._ws.state is not _OPEN:
-            await self._send_slowly(message)
-        else:  # the usual case, without an event object or a wait for a turn
-            self._writing = True
-            try:
-                await self._http.write(bytes(proto.send_data(message, True)))
-            except _STREAM_ERRORS:
-                self._ended(ABNORMAL, "")
-                raise WebSocketClosed(ABNORMAL) from None
-            finally:
-                self._writing = False
-                if self._writers:
-                    self._writers.unpark()
-        self._stats.ws_out += 1
+    async def _uncork(self) -> None:
+        if self._corked:
+            await self._send_raw(b"")
+
+    async def _send_raw(self, data: bytes) -> None:
+        """Send what was held back, then ``data``, in a turn of its own."""
+        while self._writing:
+            await self._writers.park()
+        self._writing = True
+        try:
+            if self._corked:
+                data = b"".join([*self._corked, data])
+                self._corked.clear()
+            if data:
+                await self._http.write(data)
+        finally:
+            self._writing = False
+            if self._writers:
+                self._writers.unpark()
 
     async def _send_slowly(self, message: str | bytes | bytearray | memoryview) -> None:
         if isinstance(message, str):
@@ -468,10 +448,7 @@ class WebSocket:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-            if self._app_wait is not None:
-                self._app_wait.cancel()  # the app's own read
-            if self._waiting is not None:
-                trio.lowlevel.reschedule(self._waiting)
+            self._wake_app()
             self._watch_lot.unpark_all()  # the watcher reads from now on
             self._alarm.unpark_all()
 
@@ -491,6 +468,9 @@ class WebSocket:
                 data = self._frame(event)
             except LocalProtocolError:
                 return False  # e.g. our close crossed the client's, which was answered
+            if self._corked:
+                data = b"".join([*self._corked, data])
+                self._corked.clear()
             await self._http.write(data)
             return True
         finally:
@@ -508,21 +488,14 @@ class WebSocket:
 
     # -- reading --------------------------------------------------------------------------
 
-    async def _read_some(self, app: bool) -> None:
-        """Read once from the client and act on it (for the app: until _ended)."""
+    async def _read_some(self) -> None:
+        """Read once from the client and act on it. (A read of the app's is not cut short
+        by our close: the client's answer, or the watcher's deadline, ends it.)"""
         self._reading = True
         stats = self._stats
         try:
-            data: bytes | None = None
             try:
-                if app:
-                    with trio.CancelScope() as self._app_wait:
-                        data = await self._receive_data()
-                    self._app_wait = None
-                    if data is None:  # _ended woke us
-                        return
-                else:
-                    data = await self._receive_data()
+                data = await self._receive_data()
             except (OSError, *_STREAM_ERRORS):
                 data = b""
             if not data:
@@ -531,13 +504,12 @@ class WebSocket:
             stats.bytes_in += len(data)
             ws = self._ws
             state = ws.state
-            if state is _OPEN or state is _LOCAL_CLOSING:  # else only until EOF
-                ws.receive_data(data)
+            if (state is _OPEN or state is _LOCAL_CLOSING) and not self._failed:
+                ws.receive_data(data)  # else it is read and dropped until EOF
                 await self._process()
         finally:
             self._reading = False
-            if self._waiting is not None:  # the app waits for what the watcher read
-                trio.lowlevel.reschedule(self._waiting)
+            self._wake_app()  # if it waits for what the watcher read
             if self._alarm and (self.close_code is not None or self._app_done):
                 self._alarm.unpark_all()  # the watcher reads from now on
 
@@ -624,14 +596,15 @@ class WebSocket:
         self._ended(event.code, event.reason or "")
         if self._ws.state is _REMOTE_CLOSING:
             await self._write(event.response())
-        elif self._ws.state is _OPEN:
+        elif self._ws.state is _OPEN:  # failed: what the client still sends is dropped
+            self._failed = True
             await self._write(CloseConnection(code=event.code, reason=event.reason or None))
         await self._half_close()
 
     async def _half_close(self) -> None:
         """Our side is done (RFC 6455 7.1.1: the server closes the TCP connection first):
         half-close a plain connection, and let the watcher wait a moment for the client's
-        end. Over TLS the close_notify follows when the connection closes."""
+        end. Over TLS the connection closes (close_notify first) once the app is done."""
         self._wait_for_client()
         self._alarm.unpark_all()
         stream = self._http.stream
@@ -640,12 +613,17 @@ class WebSocket:
                 await self._writers.park()
             with contextlib.suppress(OSError, *_STREAM_ERRORS):
                 await stream.send_eof()
+        else:  # TLS: the connection's close (close_notify first) is the end: no waiting
+            self.done.set()
 
     async def _watch(self) -> None:
         """Read for the app while it does not: when it is away (AWAY seconds without
         waiting in receive), done, or the connection is closing; until the end."""
         with self._watch_scope:
             while not self.done.is_set():
+                if self._corked:
+                    with contextlib.suppress(*_STREAM_ERRORS):
+                        await self._uncork()
                 if self._pending is not None and not self._app_done:
                     with trio.move_on_after(CLOSE_TIMEOUT):  # the app answers, then settles
                         await self._caught_up.park()
@@ -653,7 +631,7 @@ class WebSocket:
                         await self._settle()
                 elif self.close_code is not None or self._app_done:
                     if not self._reading:
-                        await self._read_some(app=False)
+                        await self._read_some()
                     else:
                         await self._alarm.park()  # until the app's read is over
                 elif self._in_receive:
@@ -668,10 +646,12 @@ class WebSocket:
         """The app is busy with a message: if it stays away AWAY seconds, read for it."""
         seen = self._receives
         with trio.move_on_after(AWAY):
-            await self._alarm.park()  # only a close or the app's end cuts this short
+            await self._alarm.park()  # a close, the app's end, or answers held back
+        if self._corked:
+            return  # sent first (see _watch)
         if seen == self._receives and not self._in_receive and not self._reading:
             if len(self._inbox) < INBOX and self.close_code is None and not self._app_done:
-                await self._read_some(app=False)
+                await self._read_some()
 
     async def _keepalive(self, interval: float, timeout: float) -> None:
         """Ping every ``interval``; a client that does not answer within ``timeout`` (or
@@ -692,6 +672,101 @@ class WebSocket:
                 self._ended(ABNORMAL, "ping timeout")
                 _abort(self._http.stream)
                 return
+
+
+class WebSocket(_Core):
+    """One open WebSocket: what ``await request.accept_websocket()`` gives a native app
+    (the ASGI interface drives the same object).
+
+    Messages are ``str`` (text) or ``bytes`` (binary). :meth:`receive` raises
+    :class:`WebSocketClosed` once the connection is closed, whoever closed it, and
+    ``async for message in websocket`` just ends there; :meth:`send` raises it too.
+    """
+
+    __slots__ = ()
+
+    # -- the app's side ----------------------------------------------------------------
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises WebSocketClosed once the connection is closed."""
+        inbox = self._inbox
+        if inbox:
+            return inbox.popleft()
+        self._in_receive = True
+        self._receives += 1
+        try:
+            if self._corked:
+                await self._uncork()
+            while not inbox:
+                if self._pending is not None:  # the app answered what came before it
+                    await self._settle()
+                if self.close_code is not None:
+                    raise WebSocketClosed(self.close_code, self.close_reason)
+                if self._reading:  # the watcher reads: wait for what it finds
+                    self._waiting = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._abort_waiting)
+                else:
+                    await self._read_some()
+            return inbox.popleft()
+        finally:
+            self._in_receive = False
+            if self._watch_lot:
+                self._watch_lot.unpark()  # the watcher waits for the app to go away
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[str | bytes]:
+        while True:
+            try:
+                message = await self.receive()
+            except WebSocketClosed:
+                return
+            yield message
+
+    async def send(self, message: str | bytes) -> None:
+        """Send a text (str) or binary (bytes) message."""
+        if not isinstance(message, str | bytes | bytearray | memoryview):
+            raise TypeError(f"a WebSocket message is str or bytes, not {type(message).__name__}")
+        proto = self._proto
+        if self._writing or proto is None or self._ws.state is not _OPEN:
+            await self._send_slowly(message)
+        else:  # the usual case, without an event object or a wait for a turn
+            self._writing = True
+            try:
+                if self._plain:  # no extension: the frame is a head and the payload
+                    frame = _data_frame(message)
+                else:
+                    frame = bytes(proto.send_data(message, True))
+                if self._inbox and not self._reading and self._pending is None:
+                    self._cork(frame)  # the app answers more at once: sent together
+                else:
+                    if self._corked:
+                        frame = b"".join([*self._corked, frame])
+                        self._corked.clear()
+                    await self._http.write(frame)
+            except _STREAM_ERRORS:
+                self._ended(ABNORMAL, "")
+                raise WebSocketClosed(ABNORMAL) from None
+            finally:
+                self._writing = False
+                if self._writers:
+                    self._writers.unpark()
+        self._stats.ws_out += 1
+
+
+def _data_frame(message: str | bytes | bytearray | memoryview) -> bytes:
+    """An unfragmented, unmasked (server) data frame without extensions (RFC 6455 5.2)."""
+    if isinstance(message, str):
+        payload, head = message.encode(), 0x81  # FIN, text
+    else:
+        payload, head = bytes(message), 0x82  # FIN, binary
+    size = len(payload)
+    if size < 126:
+        return bytes((head, size)) + payload
+    if size < 65536:
+        return _HEAD16.pack(head, 126, size) + payload
+    return _HEAD64.pack(head, 127, size) + payload
 
 
 def _abort(stream: trio.abc.Stream) -> None:
