@@ -65,6 +65,9 @@ base = {m: statistics.median(rates.get((0, m), [0]) or [0]) for m in modes}
 for i, rev in enumerate(revs):
     meds = {m: statistics.median(rates[(i, m)]) if rates.get((i, m)) else 0.0 for m in modes}
     ratio = ", ".join(f"{m} {meds[m] / base[m]:.2f}x" if base[m] else f"{m} -" for m in modes)
-    cells = " | ".join(f"{meds[m]:,.0f} ({len(rates.get((i, m), []))} runs)" for m in modes)
+    cells = " | ".join(
+        f"{meds[m]:,.0f} (runs: {', '.join(f'{r:,.0f}' for r in rates.get((i, m), []))})"
+        for m in modes
+    )
     print(f"| {rev} | {cells} | {ratio} |")
 PY
