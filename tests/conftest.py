@@ -1,6 +1,6 @@
 """Shared fixtures and session set-up: the leak check every test gets (no process it
 started may outlive it, and the test process has no more open fds afterwards than before)
-and ``cli_herd``. The helpers test modules import are in helpers.py."""
+``cli_herd`` and ``example``. The helpers test modules import are in helpers.py."""
 
 from __future__ import annotations
 
@@ -10,13 +10,22 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import MARKER, TESTS, CLIHerd, marked_processes, open_fds, wait_until
+from helpers import (
+    MARKER,
+    ROOT,
+    TESTS,
+    CLIHerd,
+    marked_processes,
+    open_fds,
+    unique_name,
+    wait_until,
+)
 
 os.environ[MARKER] = uuid.uuid4().hex  # inherited by every process a test starts
 # control sockets of test herds go to a directory of this session, not the user's own
@@ -52,6 +61,24 @@ def cli_herd(tmp_path: Path) -> Iterator[Any]:
     def start(*args: str, env: dict[str, str] | None = None) -> CLIHerd:
         herd = CLIHerd(list(args), tmp_path, env)
         started.append(herd)
+        return herd
+
+    yield start
+    for herd in started:
+        herd.close()
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Iterator[Callable[..., CLIHerd]]:
+    """``python ARGS --bind 127.0.0.1:0 --name <unique>`` from the repository root, as a
+    user would run an example; returned once it is ready, closed after the test."""
+    started: list[CLIHerd] = []
+
+    def start(*args: str) -> CLIHerd:
+        command = [sys.executable, *args, "--bind", "127.0.0.1:0", "--name", unique_name()]
+        herd = CLIHerd([], tmp_path, {"PYTHONPATH": str(ROOT)}, command)
+        started.append(herd)
+        herd.wait_ready()
         return herd
 
     yield start

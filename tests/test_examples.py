@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import socket
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
-import pytest
 
-from helpers import ROOT, CLIHerd, unique_name, wait_until
+from helpers import ROOT, CLIHerd, wait_until
 
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture
-def example(tmp_path: Path) -> Iterator[Callable[..., CLIHerd]]:
-    """Start ``python ARGS --bind 127.0.0.1:0 --name <unique>`` from the repository root."""
-    started: list[CLIHerd] = []
-
-    def start(*args: str) -> CLIHerd:
-        command = [sys.executable, *args, "--bind", "127.0.0.1:0", "--name", unique_name()]
-        herd = CLIHerd([], tmp_path, {"PYTHONPATH": str(ROOT)}, command)
-        started.append(herd)
-        return herd
-
-    yield start
-    for herd in started:
-        herd.close()
 
 
 def test_echo_example(example: Callable[..., CLIHerd]) -> None:

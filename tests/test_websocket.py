@@ -14,7 +14,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ import trustme
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
-from helpers import ROOT, CLIHerd, open_herd, unique_name, wait_until
+from helpers import ROOT, CLIHerd, open_herd, wait_until
 from trioherd import _cli, _control
 
 EXAMPLES = ROOT / "examples"
@@ -512,23 +511,6 @@ async def test_wss_over_tls(tmp_path: Path) -> None:
 
 
 # -- the examples -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def example(tmp_path: Path) -> Iterator[Callable[..., CLIHerd]]:
-    """``python EXAMPLE ARGS --bind 127.0.0.1:0 --name <unique>``, from the repository root."""
-    started: list[CLIHerd] = []
-
-    def start(*args: str) -> CLIHerd:
-        command = [sys.executable, *args, "--bind", "127.0.0.1:0", "--name", unique_name()]
-        herd = CLIHerd([], tmp_path, {"PYTHONPATH": str(ROOT)}, command)
-        started.append(herd)
-        herd.wait_ready()
-        return herd
-
-    yield start
-    for herd in started:
-        herd.close()
 
 
 def test_websocket_echo_example(example: Callable[..., CLIHerd]) -> None:
