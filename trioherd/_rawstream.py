@@ -123,6 +123,10 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.socket)
+            try:  # the FIN goes now, even while the primary still holds its copy
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
             self.socket.close()
 
     def _translate(self, exc: OSError) -> Exception:
