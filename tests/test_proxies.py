@@ -7,6 +7,7 @@ import json
 import socket
 import ssl
 import struct
+import time
 from typing import Any
 
 import httpx
@@ -190,3 +191,23 @@ async def test_readyz_answers_503_while_a_graceful_stop_drains() -> None:
 def test_a_bad_forwarded_allow_ips_is_a_usage_error(bad: str) -> None:
     with pytest.raises(trioherd.ConfigError, match="--forwarded-allow-ips"):
         trioherd.Config(forwarded_allow_ips=bad)
+
+
+def test_readyz_is_503_while_the_workers_boot_then_200(cli_herd: Any) -> None:
+    # the metrics listener is up before any worker: a balancer sees "not ready" during
+    # boot, then ready
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    herd = cli_herd("apps.slow_boot:app", "--workers", "1", "--metrics-bind", f"127.0.0.1:{port}")
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and 200 not in seen:
+        try:
+            seen.append(httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code)
+        except httpx.HTTPError:
+            pass  # not bound yet
+        time.sleep(0.1)
+    assert seen and seen[0] == 503 and seen[-1] == 200, seen
+    herd.wait_ready()
+    assert herd.stop() == 0
