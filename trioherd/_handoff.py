@@ -392,7 +392,7 @@ class Handoff:
         while True:
             await trio.sleep(WATCH_INTERVAL)
             now = trio.current_time()
-            anyone = bool(self._dispatcher.has_room())
+            anyone = self._dispatcher.has_room()
             for worker, transit in list(self._transit.items()):
                 if transit.finished and not anyone:
                     continue  # a draining worker serves its queue within its grace

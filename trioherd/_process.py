@@ -215,22 +215,22 @@ class WorkerProcess:
             self.exit_code = code
         self.state = "exited"
 
-    def recycle_reason(self, max_memory: int) -> str | None:
-        """Why this worker should be replaced now (max-requests, max-memory), or None."""
+    def recycle_reason(self, rss: int, max_memory: int) -> str | None:
+        """Why this worker should be replaced now (max-requests, max-memory), or None;
+        ``rss`` is its resident size in bytes, read by the caller (0 without max_memory)."""
         if self.state != "ready" or self.recycling:
             return None
         if self.recycle_after and trio.current_time() < self.recycle_after:
             return None  # its last replacement failed to boot: wait before trying again
         if not (self.request_limit or max_memory):
             return None
-        rss = self.rss() if max_memory else 0
         return should_recycle(self.requests, self.request_limit, rss, max_memory)
 
-    def over_limit(self, max_memory: int) -> bool:
+    def over_limit(self, rss: int, max_memory: int) -> bool:
         """It served its max-requests or grew past max-memory (MiB)."""
         if self.request_limit and self.requests >= self.request_limit:
             return True
-        return bool(max_memory) and self.rss() > max_memory * 1024 * 1024
+        return bool(max_memory) and rss > max_memory * 1024 * 1024
 
     def exit_facts(
         self, successor_wanted: bool, boot_failures: int, others_ready: int

@@ -66,10 +66,11 @@ class Recycler:
         if self.stopping:
             return
         max_memory = self.config.max_memory
+        rss = worker.rss() if max_memory else 0  # one read of /proc for both questions
         failed_lately = trio.current_time() < worker.recycle_after
-        if worker.over_limit(max_memory) and not failed_lately:
+        if worker.over_limit(rss, max_memory) and not failed_lately:
             self._handoff.withdraw(worker)  # (after a failed successor: it serves on)
-        reason = worker.recycle_reason(max_memory)
+        reason = worker.recycle_reason(rss, max_memory)
         if reason is not None and not worker.slot.lock.locked():
             self.recycle(worker, reason)
 
