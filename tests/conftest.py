@@ -54,6 +54,15 @@ def control_sockets() -> list[str]:
     return sorted(p.name for p in directory.glob("*.sock")) if directory.exists() else []
 
 
+@pytest.fixture(params=["h11", "httptools"])
+def http_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with each request parser (``--http``): h11 is the reference, and
+    httptools must give the same answers. Herds started by the test take it from the
+    environment (``TRIOHERD_HTTP``: ``serve`` reads it, ``helpers.open_herd`` passes it)."""
+    monkeypatch.setenv("TRIOHERD_HTTP", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 def cli_herd(tmp_path: Path) -> Iterator[Any]:
     started: list[CLIHerd] = []

@@ -93,6 +93,8 @@ async def open_herd(**options: Any) -> AsyncIterator[trioherd.Herd]:
         "log_level": "debug",
         "control_dir": control_dir(),
     }
+    if "TRIOHERD_HTTP" in os.environ:  # the parser the test runs with (conftest.http_parser)
+        defaults["http"] = os.environ["TRIOHERD_HTTP"]
     defaults.update(options)
     app = defaults.pop("app", None)
     try:

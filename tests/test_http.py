@@ -16,6 +16,9 @@ import trio
 
 from helpers import CLIHerd, address_of, open_herd, receive_all, receive_until
 
+# every test here runs with h11 and with httptools (conftest.http_parser)
+pytestmark = pytest.mark.usefixtures("http_parser")
+
 CURL = ["curl", "--silent", "--show-error", "--max-time", "30"]
 
 

@@ -22,6 +22,9 @@ import trustme
 
 from helpers import address_of, connect, open_herd
 
+# every test here runs with h11 and with httptools (conftest.http_parser)
+pytestmark = pytest.mark.usefixtures("http_parser")
+
 APP = "apps.http_edge_apps:app"
 CLOSED_WITHIN = 3.0  # a connection that is to close after its answer closes by then
 HEADER_TIMEOUT = 10.0  # what a connection that waits for more body would take instead

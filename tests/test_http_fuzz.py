@@ -6,10 +6,14 @@ import re
 import socket
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import CLIHerd
+
+# every test here runs with h11 and with httptools (conftest.http_parser)
+pytestmark = pytest.mark.usefixtures("http_parser")
 
 TOKENS = st.sampled_from(
     [b"GET", b"POST", b"HEAD", b"PUT", b"G\x00T", b"", b"get", b"CONNECT", b"OPTIONS"]

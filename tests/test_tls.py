@@ -36,6 +36,9 @@ from helpers import (
     wait_until,
 )
 
+# every test here runs with h11 and with httptools (conftest.http_parser)
+pytestmark = pytest.mark.usefixtures("http_parser")
+
 PASSWORD = "correct horse"
 
 

@@ -14,6 +14,7 @@ A bad value raises :class:`ConfigError`, whose message names the option as a use
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -31,9 +32,21 @@ TLS_VERSIONS = ("1.2", "1.3")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 WS_MODES = ("auto", "wsproto", "none")
+HTTP_PARSERS = ("auto", "h11", "httptools")
 DEFAULT_BIND = "127.0.0.1:8000"
 KINDS = ("int", "float", "str", "bool", "list", "intlist", "choice")
 _OPTION_KEY = "trioherd.option"
+
+
+def have_httptools() -> bool:
+    return importlib.util.find_spec("httptools") is not None
+
+
+def http_parser(config: Config) -> str:
+    """The parser ``--http`` names: ``auto`` is httptools when it is installed."""
+    if config.http == "auto":
+        return "httptools" if have_httptools() else "h11"
+    return config.http
 
 
 def available_cpus() -> int:
@@ -117,6 +130,16 @@ class Config:
     interface: str = attrs.field(
         default="auto",
         metadata=_option("choice", "app interface (auto-detected by default)", choices=INTERFACES),
+    )
+    http: str = attrs.field(
+        default="auto",
+        metadata=_option(
+            "choice",
+            "request parser: httptools (llhttp) reads the heads of requests without a body, "
+            "h11 the rest; h11 alone reads all; auto is httptools when installed "
+            "(trioherd[httptools])",
+            choices=HTTP_PARSERS,
+        ),
     )
     name: str = attrs.field(
         default="default", metadata=_option("str", "herd name: names the control socket")
@@ -386,6 +409,10 @@ class Config:
             raise ConfigError("client_cert", f"{self.client_cert!r} needs --ca-certs")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"{self.name!r} is not a valid herd name")
+        if self.http == "httptools" and not have_httptools():
+            raise ConfigError(
+                "http", "httptools is not installed: pip install trioherd[httptools]"
+            )
         problem = check_spec(self.forwarded_allow_ips)
         if problem is not None:
             raise ConfigError("forwarded_allow_ips", problem)

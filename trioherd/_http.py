@@ -348,7 +348,7 @@ class HTTPConnection:
         self.scheme = scheme
         self.tls = tls
         self.trusts_peer = client is None or client[0] in state.trusted
-        self.conn = self._new_parser()
+        self.conn: h11.Connection = self._fresh(b"")
         self.framing = ResponseFraming()
         self.response_started = False
         self.sent_continue = False
@@ -356,7 +356,7 @@ class HTTPConnection:
         self.deadline = math.inf
         self.expired: int | None = None
         self.scope = trio.CancelScope()
-        self.request: h11.Request | None = None
+        self.request: RequestHead | None = None
         self.headers: Fields = []
         self.bodyless = False
         self.leftover = False
@@ -376,10 +376,25 @@ class HTTPConnection:
         self.deadline = math.inf
         self.scope.cancel()
 
-    def _new_parser(self) -> h11.Connection:
-        return h11.Connection(
+    # -- the parser: h11 here; a subclass may read some requests another way (_httptools) --
+
+    def _fresh(self, leftover: bytes) -> h11.Connection:
+        """The parser of the next request, given the bytes of it already received."""
+        conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.state.config.max_header_size
         )
+        if leftover:
+            conn.receive_data(leftover)
+        return conn
+
+    def _feed(self, data: bytes) -> Any:
+        """Parse received bytes: the next event (a request, or h11.NEED_DATA)."""
+        self.conn.receive_data(data)
+        return self.conn.next_event()
+
+    def _next_buffered(self) -> Any:
+        """The next event from the bytes already received."""
+        return self.conn.next_event()
 
     # -- I/O helpers -------------------------------------------------------------------
 
@@ -458,7 +473,7 @@ class HTTPConnection:
         an error answer, or with bytes of the client's we leave unread (see _close)."""
         while True:
             event = await self._read_head()
-            if type(event) is not h11.Request:
+            if event is None or type(event) is h11.ConnectionClosed:
                 return False
             self.served += 1
             if not await self._serve_request(event):
@@ -480,27 +495,26 @@ class HTTPConnection:
                 # pipelined requests we will not read, or more of them still on the way
                 limit = self.state.config.max_requests_per_connection
                 return bool(leftover) or (bool(limit) and self.served >= limit)
-            self.conn = self._new_parser()
             self.leftover = bool(leftover)
-            if leftover:
-                self.conn.receive_data(leftover)
+            self.conn = self._fresh(leftover)
 
-    async def _read_head(self) -> h11.Request | h11.ConnectionClosed | None:
+    async def _read_head(self) -> Any:
+        """The next request (h11's Request, or a RequestHead another parser read), or at the
+        end h11.ConnectionClosed or None."""
         # nothing of the request to come is known, counted or sent yet
         self.request = None
         self.response_started = False
         self.counted = False
         self.started = 0.0
         self.framing.head_only = False  # an answer before a head (400, 408) has a body
-        conn = self.conn
         state = self.state
         config = state.config
         if self.leftover:  # bytes of the next request came with the last one
-            event = conn.next_event()
+            event = self._next_buffered()
             if event is not h11.NEED_DATA:  # pipelined: already here, but others go first
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 self.phase = APP
-                return event  # type: ignore[return-value]
+                return event
             self.phase = HEAD
             self.deadline = trio.current_time() + config.header_timeout
         else:
@@ -519,14 +533,13 @@ class HTTPConnection:
                 self.phase = HEAD
                 self.deadline = trio.current_time() + config.header_timeout
             state.stats.bytes_in += len(data)
-            conn.receive_data(bytes(data))
-            event = conn.next_event()
+            event = self._feed(bytes(data))
             if event is not h11.NEED_DATA:
                 self.phase = APP
                 self.deadline = math.inf
-                return event  # type: ignore[return-value]
+                return event
 
-    async def _serve_request(self, request: h11.Request) -> bool:
+    async def _serve_request(self, request: RequestHead) -> bool:
         """Run the app for one request; False if the connection must end at once."""
         self.request = request
         self.started = self.started_at()
@@ -568,7 +581,7 @@ class HTTPConnection:
                 self._count(request, status, self.state.stats.bytes_out - sent_before)
         return True
 
-    def _check_head(self, request: h11.Request, headers: Fields) -> tuple[int, str] | None:
+    def _check_head(self, request: RequestHead, headers: Fields) -> tuple[int, str] | None:
         """Measure the request's head against the limits: the error to answer, or None.
 
         Also notes whether the request has a body, and makes the request's keep-alive
@@ -627,43 +640,18 @@ class HTTPConnection:
             return (413, "request body too large")
         return None
 
-    def _count(self, request: h11.Request | None, status: int, sent: int) -> None:
+    def _count(self, request: RequestHead | None, status: int, sent: int) -> None:
         """Count a request once (stats, access log)."""
         if self.counted:
             return
         self.counted = True
-        started_at = self.started
         stats = self.state.stats
         stats.requests += 1
         stats.status[min(status // 100, 5)] += 1
         if self.state.on_request is not None:
             self.state.on_request()
-        if started_at:
-            client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
-            line = (
-                f"{request.method.decode()} {request.target.decode('latin-1')} "
-                f"HTTP/{request.http_version.decode()}"
-                if request is not None
-                else "-"
-            )
-            duration = (time.perf_counter() - started_at) * 1000
-            access_log.info(
-                '%s "%s" %d %d %.1fms w%d',
-                client,
-                line,
-                status,
-                sent,
-                duration,
-                self.state.worker_id,
-                extra={  # the fields of a JSON access-log line (--log-format json)
-                    "method": request.method.decode() if request is not None else None,
-                    "path": request.target.decode("latin-1") if request is not None else None,
-                    "status": status,
-                    "duration_ms": round(duration, 3),
-                    "client": client,
-                    "bytes": sent,
-                },
-            )
+        if self.started:
+            _access_log(self, request, status, sent)
 
     async def _discard_body(self) -> bool:
         """Read and drop an unread request body so the connection can be reused."""
@@ -729,6 +717,35 @@ class HTTPConnection:
             pass
         if detail:
             log.debug("%d to %s: %s", status, self.client, detail)
+
+
+def _access_log(http: HTTPConnection, request: RequestHead | None, status: int, sent: int) -> None:
+    """The access-log line of one request (``--access-log``)."""
+    client = f"{http.client[0]}:{http.client[1]}" if http.client else "-"
+    line = (
+        f"{request.method.decode()} {request.target.decode('latin-1')} "
+        f"HTTP/{request.http_version.decode()}"
+        if request is not None
+        else "-"
+    )
+    duration = (time.perf_counter() - http.started) * 1000
+    access_log.info(
+        '%s "%s" %d %d %.1fms w%d',
+        client,
+        line,
+        status,
+        sent,
+        duration,
+        http.state.worker_id,
+        extra={  # the fields of a JSON access-log line (--log-format json)
+            "method": request.method.decode() if request is not None else None,
+            "path": request.target.decode("latin-1") if request is not None else None,
+            "status": status,
+            "duration_ms": round(duration, 3),
+            "client": client,
+            "bytes": sent,
+        },
+    )
 
 
 async def _close(stream: trio.abc.Stream, linger: bool, reset: bool) -> None:

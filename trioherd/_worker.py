@@ -41,7 +41,7 @@ import trio
 
 from . import _aio, _app, _ipc
 from ._asgi import ASGIAdapter
-from ._config import Config
+from ._config import Config, http_parser
 from ._errors import ConfigError, IPCProtocolError
 from ._http import Adapter, HTTPConnection, ServerState
 from ._listeners import accept_fd
@@ -495,14 +495,23 @@ def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
     if interface == "stream":
         return _stream_handler(app, worker.ssl_context, config)
     adapter = _adapter(app, interface, worker.state)
+    connection = _connection_class(config)
     if worker.ssl_context is not None:
-        return _tls_handler(worker.state, adapter, worker.ssl_context)
-    return _plain_handler(worker.state, adapter)
+        return _tls_handler(worker.state, adapter, worker.ssl_context, connection)
+    return _plain_handler(worker.state, adapter, connection)
+
+
+def _connection_class(config: Config) -> type[HTTPConnection]:
+    """The request parser (``--http``), chosen once per worker."""
+    if http_parser(config) == "httptools":
+        from ._httptools import HttptoolsConnection
+
+        return HttptoolsConnection
+    return HTTPConnection
 
 
 def _adapter(app: Any, interface: str, state: ServerState) -> Adapter:
-    """The app's HTTP interface, chosen once per worker. (A second HTTP parser, such as
-    httptools, would be chosen beside it, as another connection class in the handlers.)"""
+    """The app's HTTP interface, chosen once per worker."""
     if interface == "asgi":
         return ASGIAdapter(app, state.asgi_state)
     return NativeAdapter(app)
@@ -553,7 +562,9 @@ async def _addresses(sock: socket.socket, config: Config) -> tuple[Any, Any] | N
     return (source or client), server
 
 
-def _tls_handler(state: ServerState, adapter: Adapter, ssl_context: Any) -> Handler:
+def _tls_handler(
+    state: ServerState, adapter: Adapter, ssl_context: Any, connection: type[HTTPConnection]
+) -> Handler:
     """HTTPS: the TLS handshake in the connection's task, then HTTP over trio's SSLStream."""
     from ._tls import handshake
 
@@ -569,12 +580,14 @@ def _tls_handler(state: ServerState, adapter: Adapter, ssl_context: Any) -> Hand
         if secured is None:
             return
         tls_stream, tls = secured
-        await HTTPConnection(state, adapter, tls_stream, client, server, "https", tls).run()
+        await connection(state, adapter, tls_stream, client, server, "https", tls).run()
 
     return handle_tls
 
 
-def _plain_handler(state: ServerState, adapter: Adapter) -> Handler:
+def _plain_handler(
+    state: ServerState, adapter: Adapter, connection: type[HTTPConnection]
+) -> Handler:
     """Plain HTTP over a raw non-blocking socket (see ``_rawstream``)."""
     config = state.config
 
@@ -583,7 +596,7 @@ def _plain_handler(state: ServerState, adapter: Adapter) -> Handler:
         if addresses is None:
             return
         stream = RawSocketStream(sock, nodelay=False)  # the primary's listeners have it
-        await HTTPConnection(state, adapter, stream, *addresses).run()
+        await connection(state, adapter, stream, *addresses).run()
 
     return handle
 
