@@ -8,7 +8,7 @@
 #   DURATION=2 SERVERS="trioherd bare" MODES="ka2" bash bench/run.sh
 #
 # Environment: DURATION (s per wrk run, 1..600), ROUNDS (1..50), SERVERS (subset of
-# "trioherd hypercorn uvicorn bare granian uvicorn-httptools"), MODES (subset of "ka2 close2 pinned1"),
+# "trioherd trioherd-h11 hypercorn uvicorn bare granian uvicorn-httptools gunicorn-asgi"), MODES (subset of "ka2 close2 pinned1"),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
 set -euo pipefail
@@ -34,7 +34,7 @@ is_int_in() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= $2 && $1 <= $3 )); }
 is_int_in "$DURATION" 1 600 || die "DURATION must be an integer number of seconds, 1..600"
 is_int_in "$ROUNDS" 1 50 || die "ROUNDS must be an integer, 1..50"
 for s in $SERVERS; do
-    [[ $s =~ ^(trioherd|hypercorn|uvicorn|bare|granian|uvicorn-httptools)$ ]] \
+    [[ $s =~ ^(trioherd|trioherd-h11|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi)$ ]] \
         || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
@@ -179,8 +179,8 @@ setup_venv() {
     PY="$VENV/bin/python"
     local pip=("$PY" -m pip install -q)
     if [[ -n ${BENCH_REINSTALL:-} ]] || ! "$PY" -m pip show -q trioherd >/dev/null 2>&1; then
-        log "pip install -e $REPO_ROOT"
-        if ! "${pip[@]}" -e "$REPO_ROOT" >"$LOGDIR/pip-trioherd.log" 2>&1; then
+        log "pip install -e $REPO_ROOT[httptools]"
+        if ! "${pip[@]}" -e "$REPO_ROOT[httptools]" >"$LOGDIR/pip-trioherd.log" 2>&1; then
             log "WARNING: pip install -e $REPO_ROOT failed (tail of $LOGDIR/pip-trioherd.log below);"
             log "         installing trio h11 attrs directly; trioherd still runs from the repo root"
             tail -n 3 "$LOGDIR/pip-trioherd.log" | sed 's/^/    /' >&2
@@ -191,11 +191,12 @@ setup_venv() {
     "$PY" -c 'import trio, h11' 2>/dev/null || die "trio/h11 not importable in $VENV"
     # peer: the pip packages it needs, and a module to import that proves them there
     declare -A PACKAGES=([hypercorn]="hypercorn" [uvicorn]="uvicorn"
-        [granian]="granian" [uvicorn-httptools]="uvicorn httptools uvloop")
+        [granian]="granian" [uvicorn-httptools]="uvicorn httptools uvloop"
+        [gunicorn-asgi]="gunicorn>=24")
     declare -A PROBE=([hypercorn]="hypercorn" [uvicorn]="uvicorn" [granian]="granian"
-        [uvicorn-httptools]="uvicorn, httptools, uvloop")
+        [uvicorn-httptools]="uvicorn, httptools, uvloop" [gunicorn-asgi]="gunicorn.workers.gasgi")
     local peer
-    for peer in hypercorn uvicorn granian uvicorn-httptools; do
+    for peer in hypercorn uvicorn granian uvicorn-httptools gunicorn-asgi; do
         [[ " $SERVERS " == *" $peer "* ]] || continue
         if [[ -n ${BENCH_REINSTALL:-} ]] || ! "$PY" -c "import ${PROBE[$peer]}" 2>/dev/null; then
             log "pip install ${PACKAGES[$peer]}"
@@ -212,7 +213,9 @@ setup_venv() {
 
 # ---------------------------------------------------------------- one measurement
 
-declare -A SERVER_LABELS=([trioherd]="trioherd" [hypercorn]="hypercorn -k trio"
+declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
+    [trioherd-h11]="trioherd --http h11" [hypercorn]="hypercorn -k trio"
+    [gunicorn-asgi]="gunicorn -k asgi (its Python parser, asyncio loop)"
     [uvicorn]="uvicorn --http h11 (+TCP_NODELAY)" [bare]="bare trio+h11"
     [granian]="granian (Rust)" [uvicorn-httptools]="uvicorn --http httptools, uvloop (+TCP_NODELAY)")
 
@@ -222,6 +225,11 @@ server_cmd() {
     case $name in
         trioherd) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
                        --bind "127.0.0.1:$port") ;;
+        trioherd-h11) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
+                           --http h11 --bind "127.0.0.1:$port") ;;
+        gunicorn-asgi) CMD=("$VENV/bin/gunicorn" -k asgi --asgi-loop asyncio --http-parser python
+                            -w "$workers" -b "127.0.0.1:$port" --log-level warning
+                            bench.hello_app:app) ;;
         hypercorn) CMD=("$VENV/bin/hypercorn" -k trio -w "$workers" -b "127.0.0.1:$port"
                         bench.hello_app:app) ;;
         uvicorn) CMD=("$PY" "$BENCH_DIR/uvicorn_nodelay.py" --http h11 --workers "$workers"
@@ -255,7 +263,7 @@ run_one() {
     esac
     local tag="r$round-$mode-$server"
     local slog="$LOGDIR/$tag.server.log" wlog="$LOGDIR/$tag.wrk.txt"
-    if [[ $server != trioherd && $server != bare && -z ${HAVE[$server]:-} ]]; then
+    if [[ $server != trioherd* && $server != bare && -z ${HAVE[$server]:-} ]]; then
         record "$round" "$mode" "$server" skipped "" "" "" "" "" "" "" "not installed"
         return 0
     fi
@@ -385,7 +393,7 @@ done
 versions=$("$PY" - <<'PY'
 from importlib.metadata import PackageNotFoundError, version
 out = []
-for name in ("trioherd", "trio", "h11", "hypercorn", "uvicorn", "granian", "httptools"):
+for name in ("trioherd", "trio", "h11", "hypercorn", "uvicorn", "granian", "httptools", "gunicorn"):
     try:
         out.append(f"{name} {version(name)}")
     except PackageNotFoundError:
@@ -409,7 +417,9 @@ servers = env["BENCH_SERVERS"].split()
 modes = env["BENCH_MODES"].split()
 skipped_notes = env["BENCH_SKIPPED"].split("\n")
 labels = {
-    "trioherd": "trioherd",
+    "trioherd": "trioherd (--http auto: httptools)",
+    "trioherd-h11": "trioherd --http h11",
+    "gunicorn-asgi": "gunicorn -k asgi (its Python parser, asyncio loop)",
     "hypercorn": "hypercorn -k trio",
     "uvicorn": "uvicorn --http h11 (+TCP_NODELAY)",
     "bare": "bare trio+h11 (no ASGI)",
