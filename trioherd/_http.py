@@ -522,8 +522,10 @@ class HTTPConnection:
             wait = state.drain_grace if state.draining else config.keep_alive_timeout
             self.deadline = trio.current_time() + wait
         stream = self.stream
+        # after a response on a raw socket, wait for the next request before reading
+        receive = stream.receive_next if self.served and self.watched else stream.receive_some  # type: ignore[attr-defined]
         while True:
-            data = await stream.receive_some(RECEIVE_SIZE)
+            data = await receive(RECEIVE_SIZE)
             if self.phase == IDLE:
                 if not data:
                     return None

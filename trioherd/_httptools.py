@@ -119,14 +119,17 @@ def plain_head(data: bytes) -> tuple[Head, Finished] | None:
     """The request whose head starts ``data``, and where its parser stands after it (with
     the bytes after the head), if the head is plain; else None: h11's to read."""
     end = data.find(b"\r\n\r\n") + 4
-    if end < 4 or not data.isascii():
+    if end < 4:
         return None
-    line = _REQUEST_LINE.match(data)
+    head = data[:end]
+    if not head.isascii():
+        return None
+    line = _REQUEST_LINE.match(head)
     if line is None:
         return None
     fields = _Fields()
     try:
-        httptools.HttpRequestParser(fields).feed_data(data[:end])
+        httptools.HttpRequestParser(fields).feed_data(head)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         return None  # refused, or Upgrade / CONNECT
     version = line[3]

@@ -76,6 +76,25 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()  # see the module docstring
             return data
 
+    async def receive_next(self, max_bytes: int | None = None) -> bytes:
+        """Like receive_some, but waits for the socket to be readable first: for the next
+        request of a keep-alive connection, which has rarely arrived the moment the
+        response left. That spares the recv that fails with EAGAIN, and its exception,
+        on most requests; one that is already here is read at the next epoll round."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        self._unyielded = 0
+        await trio.lowlevel.wait_readable(self.socket)
+        while True:
+            try:
+                return self.socket.recv(max_bytes or RECEIVE_SIZE)
+            except BlockingIOError:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream closed") from None
+                await trio.lowlevel.wait_readable(self.socket)
+            except OSError as exc:
+                raise self._translate(exc) from exc
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
         total = len(data)
