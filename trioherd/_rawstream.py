@@ -5,11 +5,14 @@ answer at once; on a keep-alive connection that is several scheduling rounds per
 This stream tries the system call first and waits (``wait_readable``/``wait_writable``)
 only when the kernel says EAGAIN.
 
-Fairness: a receive that found data at once still yields once (a cheap trip to the back
-of the run queue, no epoll), so a client that always has its next request ready cannot
-starve the other connections: measured with 64 keep-alive clients on one worker, yielding
-every 16 calls instead left p99 latency at 110 ms, yielding on every receive keeps it near
-20 ms for about 5 % of throughput. Sends that never wait yield every :data:`YIELD_EVERY`.
+Fairness: a receive that found data at once still yields once (a trip to the back of the
+run queue), so a client that always has its next request ready cannot starve the other
+connections: measured with 64 keep-alive clients on one worker, yielding every 16 calls
+instead left p99 latency at 110 ms, yielding on every receive keeps it near 20 ms for
+about 5 % of throughput. The stream's first receive does not yield: the connection's task
+has just come through the run queue when it was started, and the yield (about 8 us, a
+pass of the run loop) was a tenth of a new connection's cost in the worker. Sends that
+never wait yield every :data:`YIELD_EVERY`.
 
 Send timeout: a send that has to wait tells its :class:`SendWatch` (the HTTP connection)
 when it stalls, again after each stall that follows progress, and when it is done; the
@@ -38,7 +41,7 @@ class SendWatch(Protocol):
 
 
 class RawSocketStream(trio.abc.HalfCloseableStream):
-    __slots__ = ("_closed", "_unyielded", "socket", "watch")
+    __slots__ = ("_closed", "_fresh", "_unyielded", "socket", "watch")
 
     def __init__(self, sock: socket.socket, nodelay: bool = True) -> None:
         """``nodelay=False`` when the socket has TCP_NODELAY already (accepted from a
@@ -48,6 +51,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
         self._closed = False
+        self._fresh = True  # no receive yet: the first one need not yield (docstring)
         self._unyielded = 0
         self.watch: SendWatch | None = None
 
@@ -72,7 +76,9 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 continue
             except OSError as exc:
                 raise self._translate(exc) from exc
-            if not waited:
+            if self._fresh:
+                self._fresh = False  # the task was started just now: no yield
+            elif not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # see the module docstring
             return data
 
