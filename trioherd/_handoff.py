@@ -38,7 +38,7 @@ import trio
 from . import _ipc
 from ._config import Config
 from ._errors import IPCProtocolError
-from ._listeners import Listener, accept_fd
+from ._listeners import Listener, accept_fd, queued_connections
 from ._policy import Dispatcher
 from ._process import WorkerProcess
 
@@ -228,6 +228,7 @@ class Handoff:
         """Accept raw fds until EAGAIN and pass them on in batches; stop accepting while
         every worker is full, so that the kernel backlog, not our memory, holds clients."""
         sock = listener.sock
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         while True:
             await trio.lowlevel.wait_readable(sock)
             drained = False
@@ -237,20 +238,25 @@ class Handoff:
                     continue
                 # no await from the first accept to the flush: every fd accepted here is
                 # either handed over or closed, even if we are cancelled
-                batches, overflow, drained, pause = self._accept_batch(sock)
+                batches, overflow, drained, pause = self._accept_batch(sock, tcp)
                 await self._flush(batches, overflow, index)
                 if pause:  # out of fds or memory: give the workers a moment
                     await trio.sleep(OUT_OF_FDS_PAUSE)
 
     def _accept_batch(
-        self, sock: socket.socket
+        self, sock: socket.socket, tcp: bool
     ) -> tuple[dict[WorkerProcess, list[int]], list[int], bool, bool]:
         """Accept what is waiting, each fd assigned to the dispatcher's choice:
-        (fds by worker, fds no worker could take, drained, pause)."""
+        (fds by worker, fds no worker could take, drained, pause). On TCP the kernel
+        says how many wait: take those, and leave the rest to the next readiness,
+        instead of an accept() that only says EAGAIN."""
         pick = self._dispatcher.pick
         batches: dict[WorkerProcess, list[int]] = {}
         overflow: list[int] = []
-        for _ in range(ACCEPT_BURST):
+        budget = ACCEPT_BURST
+        if tcp:
+            budget = min(queued_connections(sock), ACCEPT_BURST) or ACCEPT_BURST
+        for _ in range(budget):
             fd, pause = accept_fd(sock)
             if fd is None:
                 return batches, overflow, True, pause
@@ -263,6 +269,8 @@ class Handoff:
             fds.append(fd)
             if len(fds) == _ipc.MAX_FDS:  # a full packet: flush, then accept more
                 break
+        else:
+            return batches, overflow, budget < ACCEPT_BURST, False
         return batches, overflow, False, False
 
     async def _flush(

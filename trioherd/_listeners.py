@@ -9,6 +9,7 @@ import os
 import resource
 import socket
 import stat
+import struct
 from collections.abc import MutableMapping
 
 import attrs
@@ -166,6 +167,23 @@ def raise_open_files_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
     return soft
+
+
+_QUEUED = struct.Struct("I")
+_QUEUED_AT = 24  # struct tcp_info: tcpi_unacked, the accept queue's length on a listener
+
+
+def queued_connections(sock: socket.socket) -> int:
+    """How many connections wait in a TCP listener's accept queue (Linux reports it in
+    ``tcpi_unacked`` for a listening socket); 0 if it cannot be told. Knowing it spares
+    the accept() that only says EAGAIN (about 5 us) at the end of every round."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _QUEUED_AT + 4)
+    except OSError:
+        return 0
+    if len(info) < _QUEUED_AT + 4:
+        return 0
+    return int(_QUEUED.unpack_from(info, _QUEUED_AT)[0])
 
 
 def accept_fd(sock: socket.socket) -> tuple[int | None, bool]:
