@@ -125,8 +125,36 @@ def encode(kind: str, **fields: Any) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
+def encode_ack(seq: int) -> bytes:
+    """``encode("ack", s=seq)``, the same bytes, without json: one per batch of
+    connections, on the way from the worker's receive to its first read."""
+    return b'{"s":%d,"t":"ack"}' % seq
+
+
+# The packets of every new connection: ``ack`` (and ``closed``), as encode() writes them.
+# decode() reads these without json (about 2.5 us each in the primary); any other
+# spelling takes the full path and gets the same answer.
+_FAST = {
+    (b'{"s":', b',"t":"ack"}'): ("s", "ack"),
+    (b'{"n":', b',"t":"closed"}'): ("n", "closed"),
+}
+
+
+def _decode_fast(packet: bytes) -> dict[str, Any] | None:
+    for (head, tail), (field, kind) in _FAST.items():
+        if packet.startswith(head) and packet.endswith(tail):
+            digits = packet[len(head) : len(packet) - len(tail)]
+            if digits.isdigit() and len(digits) < 20 and (digits[0] != 48 or digits == b"0"):
+                return {field: int(digits), "t": kind}
+            return None
+    return None
+
+
 def decode(packet: bytes) -> dict[str, Any]:
     """Parse and check one packet. Raises IPCProtocolError if it is not a known message."""
+    fast = _decode_fast(packet)
+    if fast is not None:
+        return fast
     try:
         message = json.loads(packet)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -288,7 +288,7 @@ class Worker:
                 last = max(last, seq)
             if last:  # before a byte is read: the primary keeps its copies until then
                 with contextlib.suppress(_ipc.ChannelClosed, OSError):
-                    await self.channel.send(_ipc.encode("ack", s=last))
+                    await self.channel.send(_ipc.encode_ack(last))
         except BaseException:
             _ipc.close_fds([fd for fd, _ in taken])
             raise
