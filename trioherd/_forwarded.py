@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 Address = tuple[str, int]
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_KNOWN_MAX = 1024
 _SCHEMES = {b"http": "http", b"https": "https", b"ws": "http", b"wss": "https"}
 
 
@@ -27,6 +28,9 @@ class TrustedPeers:
     def __init__(self, spec: str) -> None:
         self.everyone = False
         self.networks: list[_Network] = []
+        # answers by host string: parsing an address costs ~4 us, on every request that
+        # comes through a proxy; the same few peers (the proxies) come again and again
+        self._known: dict[str, bool] = {}
         for item in (part.strip() for part in spec.split(",")):
             if item == "*":
                 self.everyone = True
@@ -38,6 +42,15 @@ class TrustedPeers:
             return True
         if not isinstance(host, str) or not self.networks:
             return False
+        known = self._known.get(host)
+        if known is None:
+            known = self._look_up(host)
+            if len(self._known) >= _KNOWN_MAX:
+                self._known.clear()
+            self._known[host] = known
+        return known
+
+    def _look_up(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host.partition("%")[0])
         except ValueError:

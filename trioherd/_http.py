@@ -325,7 +325,6 @@ class HTTPConnection:
         "state",
         "stream",
         "tls",
-        "trusts_peer",
         "upgrade",
         "watched",
     )
@@ -347,7 +346,6 @@ class HTTPConnection:
         self.server = server
         self.scheme = scheme
         self.tls = tls
-        self.trusts_peer = client is None or client[0] in state.trusted
         self.conn: h11.Connection = self._fresh(b"")
         self.framing = ResponseFraming()
         self.response_started = False
@@ -605,12 +603,15 @@ class HTTPConnection:
                 upgrade = True
             elif name in _FORWARDED:
                 forwarded = True
-        if (forwarded and self.trusts_peer) or self.client is not self.peer:
+        peer = self.peer
+        if (
+            forwarded and (peer is None or peer[0] in self.state.trusted)
+        ) or self.client is not peer:
             own = "https" if self.tls is not None else "http"  # this request's, or none
             self.client, self.scheme = (
-                apply_forwarded(headers, self.peer, own, self.state.trusted)
+                apply_forwarded(headers, peer, own, self.state.trusted)
                 if forwarded
-                else (self.peer, own)
+                else (peer, own)
             )
         self.upgrade = upgrade  # asks to switch protocols: a WebSocket? (see _websocket)
         self.bodyless = bodyless = not chunked and not content_length
