@@ -603,10 +603,9 @@ class HTTPConnection:
                 upgrade = True
             elif name in _FORWARDED:
                 forwarded = True
-        peer = self.peer
-        if (
-            forwarded and (peer is None or peer[0] in self.state.trusted)
-        ) or self.client is not peer:
+        peer = self.peer  # its forwarded headers are believed if it is trusted
+        trusted = forwarded and (peer is None or peer[0] in self.state.trusted)
+        if trusted or self.client is not peer:
             own = "https" if self.tls is not None else "http"  # this request's, or none
             self.client, self.scheme = (
                 apply_forwarded(headers, peer, own, self.state.trusted)
