@@ -8,7 +8,8 @@
 #   DURATION=2 SERVERS="trioherd bare" MODES="ka2" bash bench/run.sh
 #
 # Environment: DURATION (s per wrk run, 1..600), ROUNDS (1..50), SERVERS (subset of
-# "trioherd trioherd-h11 hypercorn uvicorn bare granian uvicorn-httptools gunicorn-asgi"), MODES (subset of "ka2 close2 pinned1"),
+# "trioherd trioherd-h11 trioherd-shared hypercorn uvicorn bare granian uvicorn-httptools
+# gunicorn-asgi"), MODES (subset of "ka2 close2 pinned1"),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
 set -euo pipefail
@@ -34,7 +35,7 @@ is_int_in() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= $2 && $1 <= $3 )); }
 is_int_in "$DURATION" 1 600 || die "DURATION must be an integer number of seconds, 1..600"
 is_int_in "$ROUNDS" 1 50 || die "ROUNDS must be an integer, 1..50"
 for s in $SERVERS; do
-    [[ $s =~ ^(trioherd|trioherd-h11|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi)$ ]] \
+    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi)$ ]] \
         || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
@@ -214,7 +215,8 @@ setup_venv() {
 # ---------------------------------------------------------------- one measurement
 
 declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
-    [trioherd-h11]="trioherd --http h11" [hypercorn]="hypercorn -k trio"
+    [trioherd-h11]="trioherd --http h11" [trioherd-shared]="trioherd --dispatch shared"
+    [hypercorn]="hypercorn -k trio"
     [gunicorn-asgi]="gunicorn -k asgi (its Python parser, asyncio loop)"
     [uvicorn]="uvicorn --http h11 (+TCP_NODELAY)" [bare]="bare trio+h11"
     [granian]="granian (Rust)" [uvicorn-httptools]="uvicorn --http httptools, uvloop (+TCP_NODELAY)")
@@ -224,9 +226,11 @@ server_cmd() {
     local name=$1 workers=$2 port=$3
     case $name in
         trioherd) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
-                       --bind "127.0.0.1:$port") ;;
+                       --bind "127.0.0.1:$port" --name "bench-$port") ;;
         trioherd-h11) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
-                           --http h11 --bind "127.0.0.1:$port") ;;
+                           --http h11 --bind "127.0.0.1:$port" --name "bench-$port") ;;
+        trioherd-shared) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
+                              --dispatch shared --bind "127.0.0.1:$port" --name "bench-$port") ;;
         gunicorn-asgi) CMD=("$VENV/bin/gunicorn" -k asgi --asgi-loop asyncio --http-parser python
                             -w "$workers" -b "127.0.0.1:$port" --log-level warning
                             bench.hello_app:app) ;;
@@ -419,6 +423,7 @@ skipped_notes = env["BENCH_SKIPPED"].split("\n")
 labels = {
     "trioherd": "trioherd (--http auto: httptools)",
     "trioherd-h11": "trioherd --http h11",
+    "trioherd-shared": "trioherd --dispatch shared",
     "gunicorn-asgi": "gunicorn -k asgi (its Python parser, asyncio loop)",
     "hypercorn": "hypercorn -k trio",
     "uvicorn": "uvicorn --http h11 (+TCP_NODELAY)",
