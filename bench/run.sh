@@ -95,6 +95,16 @@ cpu_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
+# utime+stime of PID and all its descendants, in clock ticks.
+tree_cpu_ticks() {
+    local total=0 p t
+    for p in $(tree_pids "$1"); do
+        t=$(cpu_ticks "$p" || true)
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+
 # Processes of process group PGID that are still running (not zombies).
 group_members() {
     ps -e -o pid=,pgid=,stat= | awk -v g="$1" '$2 == g && $3 !~ /^Z/ { print $1 }'
@@ -251,7 +261,7 @@ server_cmd() {
     esac
 }
 
-# record ROUND MODE SERVER STATUS RPS P99MS RSSMB CPU READY ERRORS EXIT NOTE
+# record ROUND MODE SERVER STATUS RPS P99MS RSSMB CPU READY ERRORS EXIT NOTE CPU_US_PER_REQUEST
 record() {
     local IFS=$'\t'
     printf '%s\n' "$*" >>"$RAW"
@@ -315,6 +325,8 @@ run_one() {
     # process's CPU time around the run.
     local c0 c1 w0 w1 wrc=0 rss_mid rss_end
     c0=$(cpu_ticks "$pid" || true)
+    local t0_tree t1_tree
+    t0_tree=$(tree_cpu_ticks "$pid")
     w0=$(now_ns)
     timeout $((DURATION + 30)) "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
         --latency "${wrk_extra[@]}" "http://127.0.0.1:$port/" >"$wlog" 2>&1 &
@@ -325,6 +337,7 @@ run_one() {
     CURRENT_WRK=""
     w1=$(now_ns)
     c1=$(cpu_ticks "$pid" || true)
+    t1_tree=$(tree_cpu_ticks "$pid")
     rss_end=$(tree_rss_kb "$pid")
     local still_alive=1
     alive "$pid" || still_alive=0
@@ -360,10 +373,16 @@ run_one() {
         record "$round" "$mode" "$server" failed "" "" "" "" "$ready_s" "" "$STOP_RC" "$why${note:+; $note}"
         return 0
     fi
+    # CPU of the whole server (every process of its tree) per request served: steadier
+    # than req/s on a noisy machine, and what the load costs whoever pays for the cores
+    local requests cpu_req
+    requests=$(awk '/ requests in / { print $1 }' "$wlog")
+    cpu_req=$(awk -v a="$t0_tree" -v b="$t1_tree" -v t="$CLK_TCK" -v n="${requests:-0}" \
+        'BEGIN { if (n > 0) printf "%.1f", (b - a) / t * 1e6 / n }')
     log "  $rps req/s, p99 ${p99} ms, RSS ${rss_mb} MB in $nprocs processes, top pid CPU ${cpu}%," \
-        "errors $errors, exit code $STOP_RC"
+        "server CPU ${cpu_req} us/request, errors $errors, exit code $STOP_RC"
     record "$round" "$mode" "$server" ok "$rps" "$p99" "$rss_mb" "$cpu" "$ready_s" "$errors" \
-        "$STOP_RC" "$note"
+        "$STOP_RC" "$note" "$cpu_req"
 }
 
 # ---------------------------------------------------------------- main
@@ -437,7 +456,7 @@ mode_labels = {
     "pinned1": "1 worker pinned to CPU 0 (wrk on CPU 1), keep-alive",
 }
 fields = ["round", "mode", "server", "status", "rps", "p99", "rss", "cpu", "ready", "errors",
-          "exit", "note"]
+          "exit", "note", "cpureq"]
 runs = []
 with open(raw_path) as f:
     for line in f:
@@ -478,8 +497,8 @@ for note in skipped_notes:
     if note:
         lines.append(f"- {note}")
 lines.append("")
-lines.append("| server | mode | req/s | p99 | RSS MB | vs uvicorn h11 | vs bare trio+h11 | ok runs |")
-lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+lines.append("| server | mode | req/s | p99 | RSS MB | server CPU µs/request | vs uvicorn h11 | vs bare trio+h11 | ok runs |")
+lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for mode in modes:
     ref_u = med("uvicorn", mode, "rps")
     ref_b = med("bare", mode, "rps")
@@ -488,15 +507,17 @@ for mode in modes:
         rs = [r for r in runs if r["server"] == server and r["mode"] == mode]
         ok = sum(r["status"] == "ok" for r in rs)
         if status:
-            lines.append(f"| {labels[server]} | {mode_labels[mode]} | {status} | | | | | {ok}/{len(rs)} |")
+            lines.append(f"| {labels[server]} | {mode_labels[mode]} | {status} | | | | | | {ok}/{len(rs)} |")
             continue
         rps = med(server, mode, "rps")
         p99 = med(server, mode, "p99")
         rss = med(server, mode, "rss")
+        cpureq = med(server, mode, "cpureq")
+        cpu_cell = f"{cpureq:.1f}" if cpureq is not None else ""
         ru = f"{rps / ref_u:.2f}x" if ref_u else "n/a"
         rb = f"{rps / ref_b:.2f}x" if ref_b else "n/a"
         lines.append(f"| {labels[server]} | {mode_labels[mode]} | {rps:,.0f} | {p99:.2f} ms | "
-                     f"{rss:.1f} | {ru} | {rb} | {ok}/{len(rs)} |")
+                     f"{rss:.1f} | {cpu_cell} | {ru} | {rb} | {ok}/{len(rs)} |")
 lines.append("")
 
 cpu = med("trioherd", "ka2", "cpu")
@@ -506,8 +527,8 @@ if cpu is not None:
     lines.append("")
 
 # The DESIGN.md targets, each against peers of this same session.
-def ratio(mode, ref):
-    t, r = med("trioherd", mode, "rps"), med(ref, mode, "rps")
+def ratio(mode, ref, ours="trioherd"):
+    t, r = med(ours, mode, "rps"), med(ref, mode, "rps")
     return (t / r) if (t and r) else None
 
 checks = [
@@ -516,6 +537,13 @@ checks = [
     ("per core keep-alive >= 5x hypercorn -k trio", ratio("pinned1", "hypercorn"), 5.0),
     ("2 workers keep-alive >= 1.3x uvicorn h11", ratio("ka2", "uvicorn"), 1.3),
     ("2 workers new connection >= 1.0x uvicorn h11", ratio("close2", "uvicorn"), 1.0),
+    # issue 13
+    ("2 workers keep-alive >= 1.0x granian", ratio("ka2", "granian"), 1.0),
+    ("2 workers keep-alive >= 1.1x uvicorn+httptools", ratio("ka2", "uvicorn-httptools"), 1.1),
+    ("2 workers new connection >= 1.0x uvicorn+httptools",
+     ratio("close2", "uvicorn-httptools"), 1.0),
+    ("per core with h11 >= 1.0x gunicorn -k asgi",
+     ratio("pinned1", "gunicorn-asgi", "trioherd-h11"), 1.0),
 ]
 target_lines = []
 for name, value, goal in checks:
@@ -534,7 +562,7 @@ if ready2 is not None:
     target_lines.append(f"| answering within 1 s of start (2 workers; includes curl polling) | "
                         f"{ready2:.2f} s | {'met' if ready2 < 1 else 'NOT met'} |")
 if target_lines:
-    lines.append("DESIGN.md targets for trioherd, against this session's peers:")
+    lines.append("Targets (DESIGN.md; issue 13) for trioherd, against this session's peers:")
     lines.append("")
     lines.append("| target | measured | |")
     lines.append("|---|---:|---|")
@@ -544,8 +572,8 @@ if target_lines:
 table_text = "\n".join(lines)
 raw_lines = ["## Every run", "",
              "| round | mode | server | status | req/s | p99 ms | RSS MB | top pid CPU % | "
-             "ready s | wrk errors | exit | note |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "ready s | wrk errors | exit | note | server CPU µs/request |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
 for r in runs:
     raw_lines.append("| " + " | ".join(r[k] for k in fields) + " |")
 with open(out_path, "w") as f:
