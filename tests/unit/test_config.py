@@ -265,3 +265,15 @@ def test_a_bad_cli_value_is_a_usage_error(
     with pytest.raises(SystemExit) as info:
         _cli.run_cli(["serve", "--workers", "many"])
     assert info.value.code == 2
+
+
+def test_http_auto_is_httptools_only_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trioherd import _config
+
+    assert _config.http_parser(Config(http="h11")) == "h11"
+    assert _config.http_parser(Config(http="auto")) == "httptools"  # a test extra
+    monkeypatch.setattr(_config, "have_httptools", lambda: False)
+    assert _config.http_parser(Config(http="auto")) == "h11"
+    with pytest.raises(ConfigError) as info:
+        Config(http="httptools")
+    assert info.value.option == "http" and "pip install trioherd[httptools]" in str(info.value)
