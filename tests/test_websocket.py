@@ -64,6 +64,7 @@ def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
 # -- the happy paths ------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
 def test_native_echo_text_binary_subprotocol_and_compression(serve: Any) -> None:
     herd = serve("apps.ws_apps:native")
     with connect(ws_url(herd.urls[0], "/echo"), subprotocols=["other", "chat"]) as ws:
@@ -86,6 +87,7 @@ def test_native_echo_text_binary_subprotocol_and_compression(serve: Any) -> None
     assert herd.stop() == 0
 
 
+@pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
 def test_asgi_scope_echo_and_close_by_the_app(serve: Any) -> None:
     herd = serve("apps.ws_apps:asgi")
     url = ws_url(herd.urls[0], "/scope?room=1")
@@ -139,6 +141,7 @@ def test_starlette_and_fastapi_websocket_routes_run_unchanged(serve: Any) -> Non
 # -- refusals ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
 def test_denial_403_and_the_http_response_extension(serve: Any) -> None:
     asgi = serve("apps.ws_apps:asgi")
     with pytest.raises(websockets.InvalidStatus) as refused:
@@ -185,6 +188,7 @@ def handshake(
     return sock, data
 
 
+@pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
 def test_bad_handshakes_get_400_and_426(serve: Any) -> None:
     herd = serve("apps.ws_apps:asgi")
     port = herd.port
@@ -206,6 +210,7 @@ def test_bad_handshakes_get_400_and_426(serve: Any) -> None:
     assert herd.stop() == 0
 
 
+@pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
 def test_ws_none_serves_upgrade_requests_as_plain_http(serve: Any) -> None:
     herd = serve("apps.ws_apps:asgi", "--ws", "none")
     sock, head = handshake(herd.port)
