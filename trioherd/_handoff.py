@@ -225,8 +225,9 @@ class Handoff:
     # -- accepting ---------------------------------------------------------------------
 
     async def _accept_loop(self, index: int, listener: Listener) -> None:
-        """Accept raw fds until EAGAIN and pass them on in batches; stop accepting while
-        every worker is full, so that the kernel backlog, not our memory, holds clients."""
+        """Accept raw fds until EAGAIN (on TCP, as many as the kernel says wait) and pass
+        them on in batches; stop accepting while every worker is full, so that the kernel
+        backlog, not our memory, holds clients."""
         sock = listener.sock
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         while True:
