@@ -43,7 +43,7 @@ from ._config import Config
 from ._forwarded import TrustedPeers
 from ._forwarded import apply as apply_forwarded
 from ._framing import Fields, ResponseFraming, header_list, reason
-from ._rawstream import RawSocketStream
+from ._rawstream import EdgeWaiter, RawSocketStream
 
 log = logging.getLogger("trioherd.http")
 access_log = logging.getLogger("trioherd.access")
@@ -111,6 +111,7 @@ class ServerState:
         self.on_request: Callable[[], None] | None = None
         self.websockets: set[Any] = set()  # open WebSockets (_websocket.WebSocket)
         self.trusted = TrustedPeers(config.forwarded_allow_ips)  # whose forwarded headers
+        self.edge: EdgeWaiter | None = None  # plain connections wait on it (the worker's)
         shortest = min(
             config.keep_alive_timeout or 1.0, config.header_timeout, config.send_timeout, 1.0
         )

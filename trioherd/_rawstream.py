@@ -14,6 +14,10 @@ has just come through the run queue when it was started, and the yield (about 8 
 pass of the run loop) was a tenth of a new connection's cost in the worker. Sends that
 never wait yield every :data:`YIELD_EVERY`.
 
+The next request of a keep-alive connection (``receive_next``) is waited for on the
+worker's :class:`EdgeWaiter`, an epoll of its own where each socket is registered once,
+instead of trio's ``wait_readable``, which re-arms a one-shot registration every time.
+
 Send timeout: a send that has to wait tells its :class:`SendWatch` (the HTTP connection)
 when it stalls, again after each stall that follows progress, and when it is done; the
 connection's deadline sweeper does the rest. A send that never waits costs nothing more.
@@ -22,8 +26,9 @@ connection's deadline sweeper does the rest. A send that never waits costs nothi
 from __future__ import annotations
 
 import errno
+import select
 import socket
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -40,19 +45,104 @@ class SendWatch(Protocol):
     def send_resumed(self) -> None: ...
 
 
-class RawSocketStream(trio.abc.HalfCloseableStream):
-    __slots__ = ("_closed", "_fresh", "_unyielded", "socket", "watch")
+class EdgeWaiter:
+    """Waits for the next request of keep-alive connections on an epoll of the worker's own.
 
-    def __init__(self, sock: socket.socket, nodelay: bool = True) -> None:
+    trio's ``wait_readable`` re-arms a one-shot epoll registration on every wait: one
+    ``epoll_ctl`` per request, and trio's bookkeeping around it. Here a connection's socket
+    is registered once, edge-triggered, and one task (:meth:`run`) turns the epoll's
+    events into wake-ups through ``trio.lowlevel``; an event for a connection that is not
+    waiting is kept (``_ready``) for its next wait. Edge-triggered means an event comes
+    only when new data arrives, so a reader must not wait while data it has not read may
+    remain: :meth:`RawSocketStream.receive_next` marks the socket ready again when a
+    receive filled its whole buffer. Measured on a bare loop (one wait per request), it
+    took a request from 17-19 to about 13 µs of CPU.
+    """
+
+    __slots__ = ("_epoll", "_ready", "_waiting")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._waiting: dict[int, trio.lowlevel.Task] = {}
+        self._ready: set[int] = set()
+
+    async def run(self) -> None:
+        """Deliver the events, until cancelled (a task of the worker)."""
+        epoll = self._epoll
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _ in epoll.poll(0):
+                    task = self._waiting.pop(fd, None)
+                    if task is None:
+                        self._ready.add(fd)
+                    else:
+                        trio.lowlevel.reschedule(task)
+        finally:
+            for task in self._waiting.values():  # nobody would wake them now: let them look
+                trio.lowlevel.reschedule(task)
+            self._waiting.clear()
+            epoll.close()
+
+    def register(self, fd: int) -> None:
+        try:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+        except ValueError:  # the epoll is closed (the worker is ending): wait() uses trio's
+            pass
+
+    def mark_ready(self, fd: int) -> None:
+        self._ready.add(fd)
+
+    def forget(self, fd: int) -> None:
+        """Before ``fd`` is closed: unregister it, and wake a task waiting on it (it then
+        finds the stream closed)."""
+        self._ready.discard(fd)
+        task = self._waiting.pop(fd, None)
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):  # the epoll is closed already (the worker ends)
+            pass
+
+    async def wait(self, fd: int) -> None:
+        """Until ``fd`` has news (a checkpoint, like trio's waits)."""
+        if self._epoll.closed:  # the worker is ending: trio's own wait
+            await trio.lowlevel.wait_readable(fd)
+            return
+        if fd in self._ready:
+            self._ready.discard(fd)
+            await trio.lowlevel.checkpoint()  # a trip through the scheduler, for fairness
+            return
+        task = trio.lowlevel.current_task()
+        self._waiting[fd] = task
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if self._waiting.get(fd) is task:
+                del self._waiting[fd]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class RawSocketStream(trio.abc.HalfCloseableStream):
+    __slots__ = ("_closed", "_fresh", "_registered", "_unyielded", "socket", "waiter", "watch")
+
+    def __init__(
+        self, sock: socket.socket, nodelay: bool = True, waiter: EdgeWaiter | None = None
+    ) -> None:
         """``nodelay=False`` when the socket has TCP_NODELAY already (accepted from a
-        listening socket that has it: Linux copies it to every accepted socket)."""
+        listening socket that has it: Linux copies it to every accepted socket).
+        ``waiter``: the worker's EdgeWaiter, for receive_next (else trio's waits)."""
         sock.setblocking(False)
         if nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
         self._closed = False
         self._fresh = True  # no receive yet: the first one need not yield (docstring)
+        self._registered = -1  # the fd while registered with the waiter
         self._unyielded = 0
+        self.waiter = waiter
         self.watch: SendWatch | None = None
 
     async def _fair(self) -> None:
@@ -90,16 +180,32 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         self._unyielded = 0
-        await trio.lowlevel.wait_readable(self.socket)
+        sock = self.socket
+        size = max_bytes or RECEIVE_SIZE
+        waiter = self.waiter
+        if waiter is None:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            if self._registered < 0:  # data already here makes an event at once
+                self._registered = sock.fileno()
+                waiter.register(self._registered)
+            await waiter.wait(self._registered)
         while True:
             try:
-                return self.socket.recv(max_bytes or RECEIVE_SIZE)
+                data = sock.recv(size)
             except BlockingIOError:
                 if self._closed:
                     raise trio.ClosedResourceError("stream closed") from None
-                await trio.lowlevel.wait_readable(self.socket)
+                if waiter is None:
+                    await trio.lowlevel.wait_readable(sock)
+                else:
+                    await waiter.wait(self._registered)
+                continue
             except OSError as exc:
                 raise self._translate(exc) from exc
+            if waiter is not None and len(data) == size:
+                waiter.mark_ready(self._registered)  # more may wait, and no new edge says so
+            return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
@@ -147,6 +253,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._registered >= 0 and self.waiter is not None:
+                self.waiter.forget(self._registered)
             trio.lowlevel.notify_closing(self.socket)
             try:  # the FIN goes now, even while the primary still holds its copy
                 self.socket.shutdown(socket.SHUT_WR)

@@ -49,7 +49,7 @@ from ._log import capture_output, setup_logging
 from ._native import NativeAdapter
 from ._policy import recycle_threshold
 from ._proxyproto import ProxyProtocolError, read_header
-from ._rawstream import RawSocketStream
+from ._rawstream import EdgeWaiter, RawSocketStream
 
 log = logging.getLogger("trioherd.worker")
 
@@ -359,6 +359,8 @@ class Worker:
                 await root.start(self.drain_on_sigterm)
                 root.start_soon(self.report_closed)
                 root.start_soon(self.state.sweep)
+                self.state.edge = EdgeWaiter()
+                root.start_soon(self.state.edge.run)
                 await ready()
                 await self.read_channel_until_drain(conns)
             # connections are done (or were cancelled at the deadline): last words, so the
@@ -595,7 +597,8 @@ def _plain_handler(
         addresses = await _addresses(sock, config)
         if addresses is None:
             return
-        stream = RawSocketStream(sock, nodelay=False)  # the primary's listeners have it
+        # the primary's listeners have TCP_NODELAY: accepted sockets inherit it
+        stream = RawSocketStream(sock, nodelay=False, waiter=state.edge)
         await connection(state, adapter, stream, *addresses).run()
 
     return handle

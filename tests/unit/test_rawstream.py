@@ -1,0 +1,107 @@
+"""The worker's edge-triggered wait for the next request (``_rawstream.EdgeWaiter``), in
+process over real socket pairs: it wakes a reader when data comes, remembers data that
+came while nobody waited, lets a cancelled wait go, and never leaves unread data waiting
+for an edge that will not come."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from trioherd._rawstream import RECEIVE_SIZE, EdgeWaiter, RawSocketStream
+
+pytestmark = pytest.mark.trio
+
+
+@asynccontextmanager
+async def edge_stream() -> AsyncIterator[tuple[RawSocketStream, socket.socket, EdgeWaiter]]:
+    ours, theirs = socket.socketpair()
+    waiter = EdgeWaiter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter.run)
+        stream = RawSocketStream(ours, waiter=waiter)
+        try:
+            yield stream, theirs, waiter
+        finally:
+            stream.close()
+            theirs.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_waiting_reader_wakes_when_data_comes() -> None:
+    async with edge_stream() as (stream, peer, _):
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await stream.receive_next())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # nothing yet: it waits
+            peer.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert got == [b"GET / HTTP/1.1\r\n\r\n"]
+
+
+async def test_data_that_came_while_nobody_waited_is_read_at_once() -> None:
+    async with edge_stream() as (stream, peer, _):
+        peer.send(b"first")
+        with trio.fail_after(5):
+            assert await stream.receive_next() == b"first"  # registered with data there
+            peer.send(b"second")
+            await trio.testing.wait_all_tasks_blocked()  # the event comes, nobody waits
+            assert await stream.receive_next() == b"second"
+
+
+async def test_a_cancelled_wait_lets_go_and_the_next_wait_still_works(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with edge_stream() as (stream, peer, _):
+        with trio.move_on_after(0.05) as scope:
+            await stream.receive_next()
+        assert scope.cancelled_caught
+        peer.send(b"later")
+        with trio.fail_after(5):
+            assert await stream.receive_next() == b"later"
+
+
+async def test_a_full_buffer_is_not_left_waiting_for_an_edge() -> None:
+    """More than one receive's worth arrives at once: the second receive must not wait
+    for new data (edge-triggered, no new event would come)."""
+    async with edge_stream() as (stream, peer, _):
+        peer.setblocking(False)
+        sent = 0
+        while sent < RECEIVE_SIZE + 1000:
+            try:
+                sent += peer.send(b"x" * 8192)
+            except BlockingIOError:
+                break
+        assert sent > RECEIVE_SIZE
+        received = 0
+        with trio.fail_after(5):
+            while received < sent:
+                received += len(await stream.receive_next())
+        assert received == sent
+
+
+async def test_closing_wakes_a_waiting_reader_with_closed_resource_error() -> None:
+    async with edge_stream() as (stream, _, waiter):
+        errors: list[Exception] = []
+
+        async def read() -> None:
+            try:
+                await stream.receive_next()
+            except trio.ClosedResourceError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            stream.close()
+        assert len(errors) == 1
+        assert not waiter._waiting and not waiter._ready
