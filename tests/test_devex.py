@@ -375,7 +375,9 @@ def test_version_and_defaults_in_help(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as info:
         _cli.run_cli(["--version"])
     assert info.value.code == 0
-    assert capsys.readouterr().out.startswith(f"trioherd {trioherd.__version__} (trio ")
+    out = capsys.readouterr().out
+    assert out.startswith(f"trioherd {trioherd.__version__} (trio ")
+    assert re.search(r", httptools \d+\.\d+", out)  # which parser --http auto takes
     with pytest.raises(SystemExit):
         _cli.run_cli(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())

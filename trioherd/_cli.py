@@ -55,8 +55,12 @@ def _version() -> str:
         h11_version = version("h11")
     except PackageNotFoundError:  # pragma: no cover - h11 without its metadata
         h11_version = "?"
+    try:  # what --http auto takes when it is there
+        httptools = f"httptools {version('httptools')}"
+    except PackageNotFoundError:
+        httptools = "no httptools"
     return (
-        f"trioherd {__version__} (trio {trio.__version__}, h11 {h11_version}, "
+        f"trioherd {__version__} (trio {trio.__version__}, h11 {h11_version}, {httptools}, "
         f"Python {platform.python_version()})"
     )
 
