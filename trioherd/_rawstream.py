@@ -183,23 +183,19 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         sock = self.socket
         size = max_bytes or RECEIVE_SIZE
         waiter = self.waiter
-        if waiter is None:
-            await trio.lowlevel.wait_readable(sock)
-        else:
-            if self._registered < 0:  # data already here makes an event at once
-                self._registered = sock.fileno()
-                waiter.register(self._registered)
-            await waiter.wait(self._registered)
-        while True:
+        while True:  # wait, then read; wait again after an EAGAIN
+            if waiter is None:
+                await trio.lowlevel.wait_readable(sock)
+            else:
+                if self._registered < 0:  # data already here makes an event at once
+                    self._registered = sock.fileno()
+                    waiter.register(self._registered)
+                await waiter.wait(self._registered)
             try:
                 data = sock.recv(size)
             except BlockingIOError:
                 if self._closed:
                     raise trio.ClosedResourceError("stream closed") from None
-                if waiter is None:
-                    await trio.lowlevel.wait_readable(sock)
-                else:
-                    await waiter.wait(self._registered)
                 continue
             except OSError as exc:
                 raise self._translate(exc) from exc
