@@ -235,12 +235,14 @@ declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
 server_cmd() {
     local name=$1 workers=$2 port=$3
     case $name in
-        trioherd) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
-                       --bind "127.0.0.1:$port" --name "bench-$port") ;;
-        trioherd-h11) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
-                           --http h11 --bind "127.0.0.1:$port" --name "bench-$port") ;;
-        trioherd-shared) CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
-                              --dispatch shared --bind "127.0.0.1:$port" --name "bench-$port") ;;
+        trioherd*)  # trioherd, and its variants with one option more
+            local extra=()
+            case $name in
+                trioherd-h11) extra=(--http h11) ;;
+                trioherd-shared) extra=(--dispatch shared) ;;
+            esac
+            CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
+                 "${extra[@]}" --bind "127.0.0.1:$port" --name "bench-$port") ;;
         gunicorn-asgi) CMD=("$VENV/bin/gunicorn" -k asgi --asgi-loop asyncio --http-parser python
                             -w "$workers" -b "127.0.0.1:$port" --log-level warning
                             bench.hello_app:app) ;;
