@@ -46,8 +46,8 @@ class ASGIAdapter:
         try:
             await self.app(self.http_scope(http, request), exchange.receive, exchange.send)
         finally:
-            complete = exchange.done.is_set()
-            exchange.done.set()
+            complete = exchange.complete
+            exchange.finish()
         if not exchange.head_sent:
             raise RuntimeError("ASGI app returned without sending a response")
         if not complete:
@@ -81,12 +81,13 @@ class ASGIAdapter:
 class ASGIExchange:
     """The ``receive`` and ``send`` of one request."""
 
-    __slots__ = ("done", "head_sent", "http", "pending_head", "reader", "status")
+    __slots__ = ("_ended", "complete", "head_sent", "http", "pending_head", "reader", "status")
 
     def __init__(self, http: HTTPConnection) -> None:
         self.http = http
         self.reader = BodyReader(http)
-        self.done = trio.Event()  # the response is complete (or the app has returned)
+        self.complete = False  # the response is complete (or the app has returned)
+        self._ended: trio.Event | None = None  # made only for a receive that waits for it
         self.status = 0
         self.pending_head: Fields | None = None  # from http.response.start, not sent yet
         self.head_sent = False
@@ -96,8 +97,20 @@ class ASGIExchange:
         if not reader.done:
             chunk = await reader.next_chunk()
             return {"type": "http.request", "body": chunk, "more_body": not reader.done}
-        await self.done.wait()
+        if self.complete:
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._ended is None:
+                self._ended = trio.Event()
+            await self._ended.wait()
         return {"type": "http.disconnect"}
+
+    def finish(self) -> None:
+        """The response is complete, or the app has returned: a receive that waits for
+        the request's end gets ``http.disconnect`` now."""
+        self.complete = True
+        if self._ended is not None:
+            self._ended.set()
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -107,7 +120,7 @@ class ASGIExchange:
             self.status = int(message["status"])
             self.pending_head = [(bytes(n), bytes(v)) for n, v in message.get("headers", ())]
         elif kind == "http.response.body":
-            if self.done.is_set():
+            if self.complete:
                 return
             http = self.http
             body = bytes(message.get("body", b""))
@@ -118,14 +131,14 @@ class ASGIExchange:
                 self.head_sent = True
                 if not more:  # the whole response at once: one send_all
                     await http.send_complete(self.status, self.pending_head, body)
-                    self.done.set()
+                    self.finish()
                     return
                 data = http.head(self.status, self.pending_head, None) + http.framing.body(body)
             else:
                 data = http.framing.body(body)
             if not more:
                 data += http.framing.end()
-                self.done.set()
+                self.finish()
             if data:
                 await http.send(data)
         else:

@@ -524,21 +524,23 @@ class HTTPConnection:
         # after a response on a raw socket, wait for the next request before reading
         receive = stream.receive_next if self.served and self.watched else stream.receive_some  # type: ignore[attr-defined]
         while True:
-            data = await receive(RECEIVE_SIZE)
-            if self.phase == IDLE:
+            data = bytes(await receive(RECEIVE_SIZE))
+            first = self.phase == IDLE  # the first bytes of the request
+            if first:
                 if not data:
                     return None
-                data = bytes(data).lstrip(b"\r\n")  # RFC 9112 2.2: blank lines are ignored
+                data = data.lstrip(b"\r\n")  # RFC 9112 2.2: blank lines are ignored
                 if not data:
                     continue
                 self.phase = HEAD
-                self.deadline = trio.current_time() + config.header_timeout
             state.stats.bytes_in += len(data)
-            event = self._feed(bytes(data))
+            event = self._feed(data)
             if event is not h11.NEED_DATA:
                 self.phase = APP
                 self.deadline = math.inf
                 return event
+            if first:  # the head's deadline, unless it all came at once (the usual case)
+                self.deadline = trio.current_time() + config.header_timeout
 
     async def _serve_request(self, request: RequestHead) -> bool:
         """Run the app for one request; False if the connection must end at once."""
