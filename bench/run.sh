@@ -9,7 +9,7 @@
 #
 # Environment: DURATION (s per wrk run, 1..600), ROUNDS (1..50), SERVERS (subset of
 # "trioherd trioherd-h11 trioherd-shared hypercorn uvicorn bare granian uvicorn-httptools
-# gunicorn-asgi"), MODES (subset of "ka2 close2 pinned1"),
+# gunicorn-asgi gunicorn24-asgi"), MODES (subset of "ka2 close2 pinned1"),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
 set -euo pipefail
@@ -17,6 +17,7 @@ set -euo pipefail
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$BENCH_DIR/.." && pwd)"
 VENV="${BENCH_VENV:-/tmp/trioherd-bench-venv}"
+VENV_G24="$VENV-gunicorn24"  # gunicorn 24 (gunicorn24-asgi) lives apart from the newest
 DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-1}"
 SERVERS="${SERVERS:-trioherd hypercorn uvicorn bare}"
@@ -35,7 +36,7 @@ is_int_in() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= $2 && $1 <= $3 )); }
 is_int_in "$DURATION" 1 600 || die "DURATION must be an integer number of seconds, 1..600"
 is_int_in "$ROUNDS" 1 50 || die "ROUNDS must be an integer, 1..50"
 for s in $SERVERS; do
-    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi)$ ]] \
+    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi|gunicorn24-asgi)$ ]] \
         || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
@@ -220,6 +221,20 @@ setup_venv() {
         fi
         HAVE[$peer]=1
     done
+    # gunicorn 24, issue 13's baseline, in a venv of its own (the main one has the newest)
+    if [[ " $SERVERS " == *" gunicorn24-asgi "* ]]; then
+        if [[ ! -x $VENV_G24/bin/gunicorn || -n ${BENCH_REINSTALL:-} ]]; then
+            log "creating $VENV_G24 with gunicorn==24.0.0"
+            if ! { python3 -m venv "$VENV_G24" &&
+                   "$VENV_G24/bin/python" -m pip install -q "gunicorn==24.0.0"; } \
+                    >"$LOGDIR/pip-gunicorn24.log" 2>&1; then
+                log "WARNING: gunicorn 24 install failed: skipping it (see $LOGDIR/pip-gunicorn24.log)"
+                SKIPPED_NOTES+=("gunicorn24-asgi: pip install failed, skipped")
+                return 0
+            fi
+        fi
+        HAVE[gunicorn24-asgi]=1
+    fi
 }
 
 # ---------------------------------------------------------------- one measurement
@@ -228,6 +243,7 @@ declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
     [trioherd-h11]="trioherd --http h11" [trioherd-shared]="trioherd --dispatch shared"
     [hypercorn]="hypercorn -k trio"
     [gunicorn-asgi]="gunicorn -k asgi (its Python parser, asyncio loop)"
+    [gunicorn24-asgi]="gunicorn 24.0.0 -k asgi (issue 13's baseline, asyncio loop)"
     [uvicorn]="uvicorn --http h11 (+TCP_NODELAY)" [bare]="bare trio+h11"
     [granian]="granian (Rust)" [uvicorn-httptools]="uvicorn --http httptools, uvloop (+TCP_NODELAY)")
 
@@ -246,6 +262,9 @@ server_cmd() {
         gunicorn-asgi) CMD=("$VENV/bin/gunicorn" -k asgi --asgi-loop asyncio --http-parser python
                             -w "$workers" -b "127.0.0.1:$port" --log-level warning
                             bench.hello_app:app) ;;
+        gunicorn24-asgi) CMD=("$VENV_G24/bin/gunicorn" -k asgi --asgi-loop asyncio
+                              -w "$workers" -b "127.0.0.1:$port" --log-level warning
+                              bench.hello_app:app) ;;
         hypercorn) CMD=("$VENV/bin/hypercorn" -k trio -w "$workers" -b "127.0.0.1:$port"
                         bench.hello_app:app) ;;
         uvicorn) CMD=("$PY" "$BENCH_DIR/uvicorn_nodelay.py" --http h11 --workers "$workers"
@@ -446,6 +465,7 @@ labels = {
     "trioherd-h11": "trioherd --http h11",
     "trioherd-shared": "trioherd --dispatch shared",
     "gunicorn-asgi": "gunicorn -k asgi (its Python parser, asyncio loop)",
+    "gunicorn24-asgi": "gunicorn 24.0.0 -k asgi (issue 13's baseline, asyncio loop)",
     "hypercorn": "hypercorn -k trio",
     "uvicorn": "uvicorn --http h11 (+TCP_NODELAY)",
     "bare": "bare trio+h11 (no ASGI)",
@@ -546,6 +566,8 @@ checks = [
      ratio("close2", "uvicorn-httptools"), 1.0),
     ("per core with h11 >= 1.0x gunicorn -k asgi",
      ratio("pinned1", "gunicorn-asgi", "trioherd-h11"), 1.0),
+    ("per core with h11 >= 1.0x gunicorn 24 -k asgi (the issue's baseline)",
+     ratio("pinned1", "gunicorn24-asgi", "trioherd-h11"), 1.0),
 ]
 target_lines = []
 for name, value, goal in checks:
