@@ -46,18 +46,25 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 done
 
-# Every run's raw table (runs.tsv: round mode server status rps ...), medians per revision.
+# Every run's raw table (runs.tsv: round mode server status rps p99 ... cpu/request), medians
+# per revision: req/s, then p99 latency and the server's CPU per request.
 python3 - "$work" "$ROUNDS" "${revs[@]}" <<'PY'
 import glob, statistics, sys
 
 work, rounds, revs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rates: dict[tuple[int, str], list[float]] = {}
+p99s: dict[tuple[int, str], list[float]] = {}
+cpus: dict[tuple[int, str], list[float]] = {}
 for i in range(len(revs)):
     for path in glob.glob(f"{work}/log-r*-v{i}/runs.tsv"):
         for line in open(path):
             f = line.rstrip("\n").split("\t")
             if len(f) > 4 and f[3] == "ok" and f[4]:
                 rates.setdefault((i, f[1]), []).append(float(f[4]))
+                if len(f) > 5 and f[5]:
+                    p99s.setdefault((i, f[1]), []).append(float(f[5]))
+                if len(f) > 12 and f[12]:
+                    cpus.setdefault((i, f[1]), []).append(float(f[12]))
 modes = sorted({mode for _, mode in rates})
 print("| revision | " + " | ".join(f"{m} req/s (median)" for m in modes) + " | ratio to first |")
 print("|---|" + "---:|" * (len(modes) + 1))
@@ -70,4 +77,15 @@ for i, rev in enumerate(revs):
         for m in modes
     )
     print(f"| {rev} | {cells} | {ratio} |")
+print()
+print("| revision | " + " | ".join(f"{m} p99 / server CPU per request (medians)" for m in modes) + " |")
+print("|---|" + "---:|" * len(modes))
+for i, rev in enumerate(revs):
+    cells = " | ".join(
+        (f"{statistics.median(p99s[(i, m)]):.2f} ms" if p99s.get((i, m)) else "-")
+        + " / "
+        + (f"{statistics.median(cpus[(i, m)]):.1f} µs" if cpus.get((i, m)) else "-")
+        for m in modes
+    )
+    print(f"| {rev} | {cells} |")
 PY
