@@ -1,7 +1,8 @@
 """The worker's edge-triggered wait for the next request (``_rawstream.EdgeWaiter``), in
 process over real socket pairs: it wakes a reader when data comes, remembers data that
 came while nobody waited, lets a cancelled wait go, and never leaves unread data waiting
-for an edge that will not come."""
+for an edge that will not come. And ``RawSocketStream.send_all``: the answers of one pass
+leave together, and its yield does not give up a send."""
 
 from __future__ import annotations
 
@@ -105,3 +106,48 @@ async def test_closing_wakes_a_waiting_reader_with_closed_resource_error() -> No
             stream.close()
         assert len(errors) == 1
         assert not waiter._waiting and not waiter._ready
+
+
+async def test_the_answers_of_one_pass_leave_together() -> None:
+    """Connections woken in the same pass of the run loop all make their answers before
+    any of them is written: a client then wakes once for the lot (``send_all`` yields
+    before it writes, see the module docstring)."""
+    pairs = [socket.socketpair() for _ in range(3)]
+    streams = [RawSocketStream(ours) for ours, _ in pairs]
+    log: list[tuple[str, int]] = []
+
+    async def answer(i: int) -> None:
+        log.append(("made", i))
+        await streams[i].send_all(b"answer %d" % i)
+        log.append(("sent", i))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(answer, i)  # all three run in the same pass
+        kinds = [kind for kind, _ in log]
+        assert kinds == ["made"] * 3 + ["sent"] * 3, log
+        for i, (_, theirs) in enumerate(pairs):
+            assert theirs.recv(100) == b"answer %d" % i  # and nothing was lost
+    finally:
+        for stream in streams:
+            stream.close()
+        for _, theirs in pairs:
+            theirs.close()
+
+
+async def test_a_cancelled_scope_does_not_stop_a_send_that_need_not_wait() -> None:
+    """The yield before a write is shielded: an answer that fits the socket's buffer
+    goes out even if the connection's scope was cancelled meanwhile (the send timeout,
+    not the yield, decides when a send is given up)."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)  # what was sent is there at once, or it was not sent
+    stream = RawSocketStream(ours)
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await stream.send_all(b"complete")
+        assert theirs.recv(100) == b"complete"
+    finally:
+        stream.close()
+        theirs.close()
