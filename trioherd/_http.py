@@ -53,6 +53,7 @@ DRAIN_GRACE = 1.0
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
 SEND_PIECE = 65536  # over TLS a response is sent in pieces of this size (see write)
+SOON_MAX = 16384  # answers up to this size may be handed to the flusher (send_soon)
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 _CLOSE_ERRORS = (OSError, trio.BusyResourceError, *_STREAM_ERRORS)
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
@@ -690,7 +691,19 @@ class HTTPConnection:
         close = self.state.draining or (
             not self.bodyless and self.conn.they_are_waiting_for_100_continue
         )
-        await self.send(self.framing.complete(status, headers, body, close))
+        data = self.framing.complete(status, headers, body, close)
+        # a small answer on a connection that goes on: the worker's flusher writes it with
+        # the other answers of this pass, and this task goes straight back to waiting
+        if (
+            self.watched
+            and self.framing.keep_alive
+            and len(data) <= SOON_MAX
+            and self.stream.send_soon(data)  # type: ignore[attr-defined]
+        ):
+            self.response_started = True
+            self.state.stats.bytes_out += len(data)
+            return
+        await self.send(data)
 
     async def _reject(self, status: int, detail: str) -> None:
         """An error answer to a request the app never saw; counted and logged like any."""
@@ -763,9 +776,12 @@ async def _close(stream: trio.abc.Stream, linger: bool, reset: bool) -> None:
         await trio.aclose_forcefully(stream)
         return
     if isinstance(stream, RawSocketStream):
+        if stream.pending:  # an answer the flusher has not written yet: it goes first
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
+                await stream.flush_pending()
         if linger:
             await _linger(stream)
-        stream.close()  # nothing to flush or say: no need for a cancel scope
+        stream.close()
         return
     if isinstance(stream, trio.SSLStream):
         await _close_tls(stream, linger)

@@ -35,6 +35,7 @@ connection's deadline sweeper does the rest. A send that never waits costs nothi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import socket
@@ -68,30 +69,68 @@ class EdgeWaiter:
     took a request from 17-19 to about 13 µs of CPU.
     """
 
-    __slots__ = ("_epoll", "_ready", "_waiting")
+    __slots__ = ("_epoll", "_flusher", "_outbox", "_ready", "_waiting")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._waiting: dict[int, trio.lowlevel.Task] = {}
         self._ready: set[int] = set()
+        self._outbox: list[RawSocketStream] = []  # streams with an answer to write (send_soon)
+        self._flusher: trio.lowlevel.Task | None = None  # the flusher, while it sleeps
+
+    @property
+    def open(self) -> bool:
+        return not self._epoll.closed
 
     async def run(self) -> None:
-        """Deliver the events, until cancelled (a task of the worker)."""
+        """Deliver the events and write the answers handed over, until cancelled (a task
+        of the worker)."""
         epoll = self._epoll
         try:
-            while True:
-                await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _ in epoll.poll(0):
-                    task = self._waiting.pop(fd, None)
-                    if task is None:
-                        self._ready.add(fd)
-                    else:
-                        trio.lowlevel.reschedule(task)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush)
+                while True:
+                    await trio.lowlevel.wait_readable(epoll.fileno())
+                    for fd, _ in epoll.poll(0):
+                        self.nudge(fd)
         finally:
+            for stream in self._outbox:  # no flusher now: their own tasks write them
+                stream.take_back()
+            self._outbox.clear()
             for task in self._waiting.values():  # nobody would wake them now: let them look
                 trio.lowlevel.reschedule(task)
             self._waiting.clear()
             epoll.close()
+
+    async def _flush(self) -> None:
+        """Write the answers of a pass, all together, in the pass after it (see
+        :meth:`RawSocketStream.send_soon`)."""
+        while True:
+            if not self._outbox:
+                self._flusher = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_flush)
+            outbox, self._outbox = self._outbox, []
+            for stream in outbox:
+                stream.write_posted()
+
+    def _abort_flush(self, _: Any) -> trio.lowlevel.Abort:
+        self._flusher = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def post(self, stream: RawSocketStream) -> None:
+        """``stream`` has an answer to write: the flusher writes it in the next pass."""
+        self._outbox.append(stream)
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            trio.lowlevel.reschedule(flusher)
+
+    def nudge(self, fd: int) -> None:
+        """Wake the task waiting on ``fd``, or let its next wait return at once."""
+        task = self._waiting.pop(fd, None)
+        if task is None:
+            self._ready.add(fd)
+        else:
+            trio.lowlevel.reschedule(task)
 
     def register(self, fd: int) -> None:
         try:
@@ -135,7 +174,17 @@ class EdgeWaiter:
 
 
 class RawSocketStream(trio.abc.HalfCloseableStream):
-    __slots__ = ("_closed", "_fresh", "_registered", "socket", "waiter", "watch")
+    __slots__ = (
+        "_closed",
+        "_fresh",
+        "_out",
+        "_out_error",
+        "_posted",
+        "_registered",
+        "socket",
+        "waiter",
+        "watch",
+    )
 
     def __init__(
         self, sock: socket.socket, nodelay: bool = True, waiter: EdgeWaiter | None = None
@@ -150,10 +199,15 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._fresh = True  # no receive yet: the first one need not yield (docstring)
         self._registered = -1  # the fd while registered with the waiter
+        self._out = b""  # an answer handed over with send_soon, not written yet
+        self._posted = False  # ... and the waiter's flusher is to write it
+        self._out_error: OSError | None = None  # what the flusher's write met
         self.waiter = waiter
         self.watch: SendWatch | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._out or self._out_error is not None:
+            await self._settle(watched=True)
         sock = self.socket
         waited = False
         while True:
@@ -184,6 +238,10 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         size = max_bytes or RECEIVE_SIZE
         waiter = self.waiter
         while True:  # wait, then read; wait again after an EAGAIN
+            if self._out_error is not None or (self._out and not self._posted):
+                # what the flusher could not write: this task's to finish, within the
+                # connection's deadline for the next request (no send timeout here)
+                await self._settle(watched=False)
             if waiter is None:
                 await trio.lowlevel.wait_readable(sock)
             else:
@@ -203,11 +261,78 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 waiter.mark_ready(self._registered)  # more may wait, and no new edge says so
             return data
 
+    def send_soon(self, data: bytes) -> bool:
+        """Hand a small answer to the waiter's flusher, which writes it with the other
+        answers of this pass in the next one, and return at once: the task goes straight
+        on to wait for the next request (one trip through the scheduler less than
+        ``send_all``). False if it cannot be taken (no waiter, closed, an answer still
+        pending): then ``send_all``. What the flusher cannot write at once, or an error
+        it meets, the stream's next call finishes or raises."""
+        waiter = self.waiter
+        if self._out or self._closed or waiter is None or not waiter.open:
+            return False
+        self._out = data
+        self._posted = True
+        waiter.post(self)
+        return True
+
+    def write_posted(self) -> None:
+        """The flusher's write of an answer handed over with send_soon."""
+        data = self._out
+        if not self._posted or not data or self._closed:
+            return  # taken back by the stream's own task meanwhile, or closed
+        self._posted = False
+        try:
+            sent = self.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._out, self._out_error = b"", exc
+            sent = -1
+        if sent == len(data):
+            self._out = b""
+            return
+        if sent > 0:
+            self._out = data[sent:]
+        if self._registered >= 0 and self.waiter is not None:
+            self.waiter.nudge(self._registered)  # the task finishes it (receive_next)
+
+    def take_back(self) -> None:
+        """The flusher will not write the answer handed over: the stream's task will."""
+        self._posted = False
+
+    async def _settle(self, watched: bool) -> None:
+        """Before anything else on the stream: write what send_soon left pending, or raise
+        the error its write met."""
+        error, self._out_error = self._out_error, None
+        if error is not None:
+            raise self._translate(error) from error
+        data, self._out, self._posted = self._out, b"", False
+        if data:
+            await self._send(data, watched)
+
+    @property
+    def pending(self) -> bool:
+        """An answer handed over with send_soon is not written yet."""
+        return bool(self._out)
+
+    async def flush_pending(self) -> None:
+        """Before a close: write what send_soon left pending (errors are the close's)."""
+        if self._out:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._settle(watched=False)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # first to the back of the run queue: the answers of one pass go out together
         # (see the module docstring)
         await trio.lowlevel.cancel_shielded_checkpoint()
+        if self._out or self._out_error is not None:
+            await self._settle(watched=True)
+        await self._send(data, True)
+
+    async def _send(self, data: bytes | bytearray | memoryview, watched: bool) -> None:
         sock = self.socket
+        watch = self.watch if watched else None
         total = len(data)
         sent = 0
         view = None
@@ -223,20 +348,22 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 except BlockingIOError:
                     if self._closed:
                         raise trio.ClosedResourceError("stream closed") from None
-                    if sent != stalled_at and self.watch is not None:
-                        self.watch.send_stalled()  # first stall, or the client took some
+                    if sent != stalled_at and watch is not None:
+                        watch.send_stalled()  # first stall, or the client took some
                     stalled_at = sent
                     await trio.lowlevel.wait_writable(sock)
                 except OSError as exc:
                     raise self._translate(exc) from exc
         finally:
-            if stalled_at >= 0 and self.watch is not None:
-                self.watch.send_resumed()  # also when the wait was cancelled
+            if stalled_at >= 0 and watch is not None:
+                watch.send_resumed()  # also when the wait was cancelled
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.wait_writable(self.socket)
 
     async def send_eof(self) -> None:
+        if self._out or self._out_error is not None:
+            await self._settle(watched=True)
         try:
             self.socket.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -249,6 +376,10 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
 
     def close(self) -> None:
         if not self._closed:
+            if self._out:  # the last chance of an answer handed over (see flush_pending)
+                with contextlib.suppress(OSError):
+                    self.socket.send(self._out)
+                self._out = b""
             self._closed = True
             if self._registered >= 0 and self.waiter is not None:
                 self.waiter.forget(self._registered)
