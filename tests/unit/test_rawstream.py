@@ -151,3 +151,75 @@ async def test_a_cancelled_scope_does_not_stop_a_send_that_need_not_wait() -> No
     finally:
         stream.close()
         theirs.close()
+
+
+# -- send_soon: an answer handed to the worker's flusher ----------------------------------
+
+
+async def test_an_answer_handed_over_is_written_by_the_flusher() -> None:
+    async with edge_stream() as (stream, peer, _):
+        peer.setblocking(False)
+        assert stream.send_soon(b"answer")
+        assert stream.pending  # not yet: in the next pass
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer.recv(100) == b"answer"
+        assert not stream.pending
+
+
+async def test_what_comes_after_a_handed_over_answer_follows_it() -> None:
+    """A pipelined request's answer, sent before the flusher ran, goes after the first."""
+    async with edge_stream() as (stream, peer, _):
+        assert stream.send_soon(b"first ")
+        assert not stream.send_soon(b"no: one at a time")
+        await stream.send_all(b"second")
+        await trio.testing.wait_all_tasks_blocked()
+        peer.setblocking(False)
+        assert peer.recv(100) == b"first second"
+
+
+async def test_an_answer_the_flusher_cannot_finish_is_finished_by_its_task() -> None:
+    """The client reads slowly: the flusher writes what fits, the connection's task
+    (waiting for the next request) writes the rest, in order, and then reads on."""
+    async with edge_stream() as (stream, peer, _):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        answer = bytes(range(256)) * 64  # 16 KiB: more than the buffers hold
+        assert stream.send_soon(answer)
+        got = bytearray()
+
+        async def slow_client() -> None:
+            await trio.sleep(0.05)  # the flusher has written what fit
+            while len(got) < len(answer):
+                await trio.lowlevel.wait_readable(peer)
+                got.extend(peer.recv(1000))
+            peer.send(b"next request")
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_client)
+                assert await stream.receive_next() == b"next request"
+        assert bytes(got) == answer
+
+
+async def test_an_error_the_flusher_met_is_the_tasks_to_see() -> None:
+    async with edge_stream() as (stream, peer, _):
+        peer.close()  # the client is gone: the write fails
+        assert stream.send_soon(b"answer")
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await stream.receive_next()
+
+
+async def test_a_close_writes_the_answer_handed_over_first() -> None:
+    ours, theirs = socket.socketpair()
+    waiter = EdgeWaiter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter.run)
+        await trio.testing.wait_all_tasks_blocked()
+        stream = RawSocketStream(ours, waiter=waiter)
+        assert stream.send_soon(b"last answer")
+        await stream.flush_pending()  # what the HTTP connection's close does
+        stream.close()
+        theirs.setblocking(False)
+        assert theirs.recv(100) == b"last answer"
+        theirs.close()
+        nursery.cancel_scope.cancel()
