@@ -121,6 +121,11 @@ class ServerState:
         self.shed_at = (9 * config.max_connections + 9) // 10
         self.shed_below = (8 * config.max_connections + 9) // 10
 
+    def idle_wait(self) -> float:
+        """How long a connection waits for its next request: the keep-alive timeout, or
+        during a drain the short drain grace."""
+        return self.drain_grace if self.draining else self.config.keep_alive_timeout
+
     def start_draining(self) -> None:
         """From now on responses carry ``Connection: close``; idle connections get the
         short drain grace for a request that may already be on its way, then close."""
@@ -323,6 +328,7 @@ class HTTPConnection:
         "sent_continue",
         "served",
         "server",
+        "stalled_in",
         "started",
         "state",
         "stream",
@@ -364,6 +370,7 @@ class HTTPConnection:
         self.started = 0.0
         self.served = 0  # requests read on this connection
         self.send_mark = -1  # what the kernel held for the client at the last look
+        self.stalled_in = APP  # the phase a stalled send came from (send_stalled)
         # a raw socket tells us when a send stalls (send_stalled); other streams are timed
         # piece by piece in write()
         self.watched = isinstance(stream, RawSocketStream)
@@ -412,7 +419,10 @@ class HTTPConnection:
 
     def send_stalled(self) -> None:
         """The raw socket's buffer is full, and the client took what it could since the
-        last stall: it has ``send_timeout`` to take more (see ServerState.sweep)."""
+        last stall: it has ``send_timeout`` to take more (see ServerState.sweep). (An
+        answer left by ``send_soon`` stalls in IDLE: that wait begins anew after it.)"""
+        if self.phase != SEND:
+            self.stalled_in = self.phase
         self.phase = SEND
         self.send_mark = -1
         self.deadline = trio.current_time() + self.state.config.send_timeout
@@ -429,8 +439,12 @@ class HTTPConnection:
 
     def send_resumed(self) -> None:
         """The send that stalled is complete."""
-        self.phase = APP
-        self.deadline = math.inf
+        if self.stalled_in == IDLE:
+            self.phase = IDLE
+            self.deadline = trio.current_time() + self.state.idle_wait()
+        else:
+            self.phase = APP
+            self.deadline = math.inf
 
     async def receive_body(self) -> None:
         """Read more of a request body; each read must come within ``header_timeout``."""
@@ -519,8 +533,7 @@ class HTTPConnection:
             self.deadline = trio.current_time() + config.header_timeout
         else:
             self.phase = IDLE
-            wait = state.drain_grace if state.draining else config.keep_alive_timeout
-            self.deadline = trio.current_time() + wait
+            self.deadline = trio.current_time() + self.state.idle_wait()
         stream = self.stream
         # after a response on a raw socket, wait for the next request before reading
         receive = stream.receive_next if self.served and self.watched else stream.receive_some  # type: ignore[attr-defined]

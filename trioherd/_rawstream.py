@@ -239,9 +239,9 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         waiter = self.waiter
         while True:  # wait, then read; wait again after an EAGAIN
             if self._out_error is not None or (self._out and not self._posted):
-                # what the flusher could not write: this task's to finish, within the
-                # connection's deadline for the next request (no send timeout here)
-                await self._settle(watched=False)
+                # what the flusher could not write: this task's to finish (its watch
+                # gives it the send timeout, then the wait for the request begins anew)
+                await self._settle(watched=True)
             if waiter is None:
                 await trio.lowlevel.wait_readable(sock)
             else:
