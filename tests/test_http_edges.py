@@ -7,6 +7,7 @@ for how TLS connections end; curl where it is natural. Bounds are generous upper
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import ssl
@@ -298,6 +299,57 @@ async def test_a_client_that_never_reads_is_cut_off_after_the_send_timeout(path:
         await wait_for(lambda: herd.workers[0].open_connections == 0, 15)
         data = await exchange(herd, b"GET /after HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert responses(data)[0][1][b"x-pid"] == str(worker.pid).encode()
+
+
+SMALL = b"GET /kb?kb=12 HTTP/1.1\r\nHost: t\r\n\r\n"  # written by the worker's flusher
+
+
+async def send_small_requests_one_by_one(sock: socket.socket, count: int) -> int:
+    """Requests for small answers, one at a time and never reading: each answer is
+    handed to the worker's flusher while its connection waits for the next request,
+    until the buffers are full and one of them stalls there. How many were sent whole."""
+    sock.setblocking(False)
+    sent = 0
+    for _ in range(count):
+        with contextlib.suppress(BlockingIOError, ConnectionError):
+            if sock.send(SMALL) == len(SMALL):
+                sent += 1
+        await trio.sleep(0.005)
+        if tcp_state(sock) != ESTABLISHED:
+            break
+    return sent
+
+
+async def test_a_small_answer_that_stalls_still_gets_the_send_timeout() -> None:
+    """The keep-alive timeout (60 s) does not stand in for the send timeout (1 s) when a
+    small answer stalls after its connection went back to waiting."""
+    async with open_herd(app=APP, workers=1, send_timeout=1.0, keep_alive_timeout=60) as herd:
+        (worker,) = herd.workers
+        sock = small_receiver()
+        with sock:
+            await trio.to_thread.run_sync(sock.connect, address_of(herd))
+            await send_small_requests_one_by_one(sock, 800)
+            await wait_for(lambda: tcp_state(sock) != ESTABLISHED, 20)
+        await wait_for(lambda: herd.workers[0].open_connections == 0, 15)
+        data = await exchange(herd, b"GET /after HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert responses(data)[0][1][b"x-pid"] == str(worker.pid).encode()
+
+
+async def test_after_a_small_answer_stalled_and_went_the_keep_alive_timeout_holds() -> None:
+    """A client that stops reading small answers for a while, then reads them all, gets
+    every one, and its idle connection is then closed after the keep-alive timeout."""
+    async with open_herd(app=APP, workers=1, send_timeout=10.0, keep_alive_timeout=1.0) as herd:
+        sock = small_receiver()
+        with sock:
+            await trio.to_thread.run_sync(sock.connect, address_of(herd))
+            assert await send_small_requests_one_by_one(sock, 600) == 600
+            received = bytearray()
+            trio_sock = trio.socket.from_stdlib_socket(sock)
+            with trio.fail_after(30):  # every answer, then the close of the idle connection
+                while chunk := await trio_sock.recv(65536):
+                    received += chunk
+        assert received.count(b"HTTP/1.1 200 ") == 600
+        assert received.count(b"k" * 12 * 1024) == 600
 
 
 async def test_a_slow_reader_that_keeps_reading_gets_all_of_a_long_answer() -> None:

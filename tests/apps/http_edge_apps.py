@@ -19,6 +19,8 @@ async def app(request: Request) -> Response:
     if path == "/big":  # ?mb=N: N MiB, known length, one send
         size = int(request.query.partition("=")[2] or 8) * MIB
         return Response(b"x" * size, headers=headers)
+    if path == "/kb":  # ?kb=N: N KiB, known length (a small answer, below 16 KiB)
+        return Response(b"k" * int(request.query.partition("=")[2] or 1) * 1024, headers=headers)
     if path == "/big-stream":  # ?mb=N: N MiB, streamed in 64 KiB pieces
 
         async def pieces() -> AsyncIterator[bytes]:
