@@ -237,6 +237,8 @@ class Handoff:
                 if not self._dispatcher.has_room():
                     await self._capacity.wait()
                     continue
+                if self._closing:  # closed while this task was already on its way back
+                    return  # from an await: the cancel would come only at the next one
                 # no await from the first accept to the flush: every fd accepted here is
                 # either handed over or closed, even if we are cancelled
                 batches, overflow, drained, pause = self._accept_batch(sock, tcp)
