@@ -24,6 +24,15 @@ send on a virtual machine. Measured with one pinned worker and ``wrk -c64``
 (19-22 to 11 us with h11), and the extra pass costs about 4 us of user time. The response
 is held back by at most the pass it was made in.
 
+A small answer on a connection that goes on need not even be written by its task:
+:meth:`RawSocketStream.send_soon` hands it to the :class:`EdgeWaiter`'s flusher, which
+writes the answers handed over in a pass all together in the next, and the task goes
+straight back to waiting for its next request (one trip through trio's scheduler less per
+request: 51 to 45 us of CPU per request with 2 workers, 1.13x the requests per second,
+in an interleaved A/B). What the flusher cannot write at once stays with the stream, and
+its task finishes it before anything else (with the send timeout of any stalled send);
+an error the flusher met is raised by the stream's next call.
+
 The next request of a keep-alive connection (``receive_next``) is waited for on the
 worker's :class:`EdgeWaiter`, an epoll of its own where each socket is registered once,
 instead of trio's ``wait_readable``, which re-arms a one-shot registration every time.
