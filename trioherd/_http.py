@@ -533,7 +533,7 @@ class HTTPConnection:
             self.deadline = trio.current_time() + config.header_timeout
         else:
             self.phase = IDLE
-            self.deadline = trio.current_time() + self.state.idle_wait()
+            self.deadline = trio.current_time() + state.idle_wait()
         stream = self.stream
         # after a response on a raw socket, wait for the next request before reading
         receive = stream.receive_next if self.served and self.watched else stream.receive_some  # type: ignore[attr-defined]
