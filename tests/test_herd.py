@@ -380,6 +380,40 @@ async def test_shared_dispatch_counts_open_connections_from_the_workers() -> Non
         assert all(w.open_connections == 0 for w in herd.workers)
 
 
+async def test_shared_dispatch_full_worker_waits_for_a_close_without_spinning() -> None:
+    # with shared dispatch the worker itself stops accepting at max_connections; it waits
+    # for one of its own connections to close, asleep (no report to the primary wakes it)
+    async with open_herd(
+        app="apps.raw:hold_pid", workers=1, dispatch="shared", max_connections=1
+    ) as herd:
+        pid = herd.workers[0].pid
+        first = await connect(herd)
+        assert int(await receive_until(first, b"\n")) == pid
+        for _ in range(3):  # earlier closes must not leave the worker's wait woken
+            extra = await connect(herd)
+            await first.aclose()
+            assert int(await receive_until(extra, b"\n")) == pid
+            first = extra
+        waiting = await connect(herd)  # stays in the backlog: the worker is full
+        before = _cpu_seconds(pid)
+        await trio.sleep(1.0)
+        assert _cpu_seconds(pid) - before < 0.5  # a busy loop would take about 1 s
+        with trio.move_on_after(0.2):
+            await waiting.receive_some(100)
+            raise AssertionError("served while the worker was full")
+        await first.aclose()
+        with trio.fail_after(30):
+            assert int(await receive_until(waiting, b"\n")) == pid
+        await waiting.aclose()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def test_a_worker_sigtermed_alone_drains_and_loses_no_connection() -> None:
     async with open_herd(app="apps.raw:whoami", workers=2) as herd:
         events = herd.events()

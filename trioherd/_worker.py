@@ -233,8 +233,11 @@ class Worker:
     async def accept_loop(self, listener: socket.socket) -> None:
         """``shared`` policy: accept on the listening socket until full or draining."""
         limit = self.config.max_connections
+        family = listener.family  # an enum made anew on every read
         while not self.draining:
             if self.open >= limit:
+                if self.closed_event.is_set():  # an old close (nobody resets it here)
+                    self.closed_event = trio.Event()
                 await self.closed_event.wait()
                 continue
             await trio.lowlevel.wait_readable(listener)
@@ -244,7 +247,7 @@ class Worker:
                     if pause:
                         await trio.sleep(0.05)
                     break
-                self.start_connection(fd, listener.family)
+                self.start_connection(fd, family)
 
     # -- the channel -------------------------------------------------------------------
 
@@ -357,7 +360,11 @@ class Worker:
                 conns.start_soon(self.read_conns)
                 root.start_soon(self.heartbeat)
                 await root.start(self.drain_on_sigterm)
-                root.start_soon(self.report_closed)
+                # closes matter to the primary only when it hands connections over: with
+                # shared dispatch it reads "open" from the heartbeat, and a report every
+                # few ms would only wake it (a costly wake-up on a virtual machine)
+                if not self.listeners:
+                    root.start_soon(self.report_closed)
                 root.start_soon(self.state.sweep)
                 self.state.edge = EdgeWaiter()
                 root.start_soon(self.state.edge.run)
@@ -366,7 +373,7 @@ class Worker:
             # connections are done (or were cancelled at the deadline): last words, so the
             # primary's connection counts balance and no served request goes uncounted
             with contextlib.suppress(_ipc.ChannelClosed, OSError):
-                if self.closed_pending:
+                if self.closed_pending and not self.listeners:
                     await self.channel.send(_ipc.encode("closed", n=self.closed_pending))
                     self.closed_pending = 0
                 await self.channel.send(_ipc.encode("beat", stats=self.stats()))
