@@ -190,6 +190,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         "_out_error",
         "_posted",
         "_registered",
+        "_trio_waits",
         "socket",
         "waiter",
         "watch",
@@ -211,6 +212,9 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         self._out = b""  # an answer handed over with send_soon, not written yet
         self._posted = False  # ... and the waiter's flusher is to write it
         self._out_error: OSError | None = None  # what the flusher's write met
+        # trio's epoll may know the socket: close() must tell it (notify_closing), which
+        # costs a failing epoll_ctl when it does not
+        self._trio_waits = False
         self.waiter = waiter
         self.watch: SendWatch | None = None
 
@@ -225,7 +229,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             except BlockingIOError:
                 if self._closed:
                     raise trio.ClosedResourceError("stream closed") from None
-                waited = True
+                waited = self._trio_waits = True
                 await trio.lowlevel.wait_readable(sock)
                 continue
             except OSError as exc:
@@ -252,6 +256,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 # gives it the send timeout, then the wait for the request begins anew)
                 await self._settle(watched=True)
             if waiter is None:
+                self._trio_waits = True
                 await trio.lowlevel.wait_readable(sock)
             else:
                 if self._registered < 0:  # data already here makes an event at once
@@ -360,6 +365,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                     if sent != stalled_at and watch is not None:
                         watch.send_stalled()  # first stall, or the client took some
                     stalled_at = sent
+                    self._trio_waits = True
                     await trio.lowlevel.wait_writable(sock)
                 except OSError as exc:
                     raise self._translate(exc) from exc
@@ -368,7 +374,14 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 watch.send_resumed()  # also when the wait was cancelled
 
     async def wait_send_all_might_not_block(self) -> None:
+        self._trio_waits = True
         await trio.lowlevel.wait_writable(self.socket)
+
+    def lend_socket(self) -> socket.socket:
+        """The socket, for a reader that waits on it with trio itself (the WebSocket's):
+        close() then wakes such a wait."""
+        self._trio_waits = True
+        return self.socket
 
     async def send_eof(self) -> None:
         if self._out or self._out_error is not None:
@@ -392,7 +405,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             self._closed = True
             if self._registered >= 0 and self.waiter is not None:
                 self.waiter.forget(self._registered)
-            trio.lowlevel.notify_closing(self.socket)
+            if self._trio_waits:  # a task may wait on it in trio: wake it
+                trio.lowlevel.notify_closing(self.socket)
             try:  # the FIN goes now, even while the primary still holds its copy
                 self.socket.shutdown(socket.SHUT_WR)
             except OSError:

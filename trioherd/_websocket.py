@@ -315,7 +315,7 @@ class _Core:
         self._proto: Any = getattr(ws, "_proto", None)
         self._plain = self._proto is not None and not self._proto.extensions
         stream = http.stream
-        self._sock = stream.socket if isinstance(stream, RawSocketStream) else None
+        self._sock = stream.lend_socket() if isinstance(stream, RawSocketStream) else None
         self.subprotocol = subprotocol
         """The subprotocol chosen when it was accepted (None: none)."""
         self._nursery = nursery

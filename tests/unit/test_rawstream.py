@@ -108,6 +108,30 @@ async def test_closing_wakes_a_waiting_reader_with_closed_resource_error() -> No
         assert not waiter._waiting and not waiter._ready
 
 
+@pytest.mark.parametrize("how", ["receive_some", "lent socket"])
+async def test_closing_wakes_a_reader_waiting_in_trios_own_wait(how: str) -> None:
+    # close() tells trio only when a task may wait on the socket there (notify_closing
+    # costs a failing epoll_ctl on every connection otherwise): such a wait must still end
+    async with edge_stream() as (stream, _, _waiter):
+        errors: list[Exception] = []
+
+        async def read() -> None:
+            try:
+                if how == "receive_some":
+                    await stream.receive_some()
+                else:  # the WebSocket's reader waits on the raw socket itself
+                    await trio.lowlevel.wait_readable(stream.lend_socket())
+            except trio.ClosedResourceError as exc:
+                errors.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                stream.close()
+        assert len(errors) == 1
+
+
 async def test_the_answers_of_one_pass_leave_together() -> None:
     """Connections woken in the same pass of the run loop all make their answers before
     any of them is written: a client then wakes once for the lot (``send_all`` yields
