@@ -34,6 +34,13 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
 
+# fields that passed those rules: an app sends the same ones again and again, and a set
+# lookup costs a fraction of the two regular expressions (bounded: short values only, and
+# emptied when full)
+_CHECKED: set[tuple[bytes, bytes]] = set()
+_CHECKED_MAX = 4096
+_CHECKED_VALUE_MAX = 256
+
 _date_second = 0
 _date_value = b""
 
@@ -146,10 +153,17 @@ class ResponseFraming:
         has_date = has_server = False
         declared: int | None = None
         self._connection = None
+        checked = _CHECKED
         for name, value in headers:
+            field = (name, value)
+            if field not in checked:
+                if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                    raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
+                if len(value) <= _CHECKED_VALUE_MAX:
+                    if len(checked) >= _CHECKED_MAX:
+                        checked.clear()
+                    checked.add(field)
             lowered = name.lower()
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
             if lowered == b"date":
                 has_date = True
             elif lowered == b"server":

@@ -172,6 +172,28 @@ def test_a_field_value_h11_accepts_is_sent_as_given(value: bytes) -> None:
     assert b"\r\nx-a: " + value + b"\r\n" in framing().complete(200, [(b"x-a", value)], b"")
 
 
+def test_fields_checked_before_are_still_checked_by_name_and_value_together() -> None:
+    # the fields an app sends again are remembered as good; a bad value under a good
+    # name, or a good value under a bad name, is refused every time
+    for _ in range(3):
+        assert b"\r\nx-a: good\r\n" in framing().complete(200, [(b"x-a", b"good")], b"")
+        with pytest.raises(InvalidResponse, match="invalid response header"):
+            framing().complete(200, [(b"x-a", b"bad\r\nx-b: smuggled")], b"")
+        with pytest.raises(InvalidResponse, match="invalid response header"):
+            framing().complete(200, [(b"x a", b"good")], b"")
+
+
+def test_the_memory_of_checked_fields_is_bounded() -> None:
+    from trioherd import _framing
+
+    for n in range(_framing._CHECKED_MAX + 10):  # all different values: each one is new
+        framing().complete(200, [(b"x-n", b"%d" % n)], b"")
+    long = b"v" * (_framing._CHECKED_VALUE_MAX + 1)
+    framing().complete(200, [(b"x-long", long)], b"")
+    assert len(_framing._CHECKED) <= _framing._CHECKED_MAX
+    assert (b"x-long", long) not in _framing._CHECKED
+
+
 @pytest.mark.parametrize("status", [100, 101, 103, 199, 0, -1, 1000])
 def test_an_interim_or_impossible_status_is_refused(status: int) -> None:
     with pytest.raises(InvalidResponse, match="invalid response status"):
