@@ -549,20 +549,26 @@ def _stream_handler(app: Any, ssl_context: Any, config: Config) -> Handler:
     return handle_stream
 
 
-async def _addresses(sock: socket.socket, config: Config) -> tuple[Any, Any] | None:
-    """(client, server) addresses of a connection ((None, None) on a Unix socket); with
-    --proxy-protocol the client is the one its PROXY header names. None: close it."""
+def _socket_addresses(sock: socket.socket) -> tuple[Any, Any] | None:
+    """(client, server) addresses of a connection ((None, None) on a Unix socket); None if
+    the client has gone already."""
     try:
         client: Any = sock.getpeername()
         server: Any = sock.getsockname()
     except OSError:
         return None
     if isinstance(client, tuple):
-        client, server = client[:2], server[:2]
-    else:  # a Unix socket has no client address
-        client = server = None
-    if not config.proxy_protocol:
-        return client, server
+        return client[:2], server[:2]
+    return None, None  # a Unix socket has no client address
+
+
+async def _addresses(sock: socket.socket, config: Config) -> tuple[Any, Any] | None:
+    """As :func:`_socket_addresses`, but with --proxy-protocol the client is the one its
+    PROXY header names. None: close it."""
+    found = _socket_addresses(sock)
+    if found is None or not config.proxy_protocol:
+        return found
+    client, server = found
     try:
         source = await read_header(sock, trio.current_time() + config.header_timeout)
     except (ProxyProtocolError, trio.TooSlowError, OSError) as exc:
@@ -601,7 +607,12 @@ def _plain_handler(
     config = state.config
 
     async def handle(sock: socket.socket) -> None:
-        addresses = await _addresses(sock, config)
+        # (no coroutine for the addresses without a PROXY header to read: one per
+        # connection is measurable)
+        if config.proxy_protocol:
+            addresses = await _addresses(sock, config)
+        else:
+            addresses = _socket_addresses(sock)
         if addresses is None:
             return
         # the primary's listeners have TCP_NODELAY: accepted sockets inherit it
