@@ -190,6 +190,26 @@ async def test_slow_head_gets_408_and_close_within_the_head_timeout() -> None:
         assert pid_header(good) == str(worker.pid)
 
 
+@pytest.mark.parametrize("app", ["apps.http_apps:native", "apps.http_apps:asgi"])
+async def test_a_body_that_stops_coming_gets_408_and_close_within_the_head_timeout(
+    app: str,
+) -> None:
+    # the app waits in its body read when the deadline passes: the read ends, the app
+    # with it, and the client gets a 408; the worker goes on serving
+    async with open_herd(app=app, workers=1, header_timeout=1.0) as herd:
+        host, port = address_of(herd)
+        (worker,) = herd.workers
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            head = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+            await stream.send_all(head + b"x" * 10)  # 90 bytes never come
+            with trio.fail_after(30):
+                received = await receive_all(stream)
+        assert status_of(received) == 408
+        good = await raw_exchange(host, port, GOOD)
+        assert status_of(good) == 200 and pid_header(good) == str(worker.pid)
+
+
 async def test_idle_keep_alive_connection_is_closed_after_the_timeout() -> None:
     async with open_herd(app="apps.http_apps:native", workers=1, keep_alive_timeout=0.5) as herd:
         host, port = address_of(herd)

@@ -58,6 +58,7 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 _CLOSE_ERRORS = (OSError, trio.BusyResourceError, *_STREAM_ERRORS)
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 finds the end of a head
+_NO_SCOPE = trio.CancelScope()  # never entered: cancelling it does nothing
 _FORWARDED = frozenset((b"forwarded", b"x-forwarded-for", b"x-forwarded-proto"))
 
 
@@ -168,9 +169,8 @@ class ServerState:
             if connection.phase == IDLE and connection.served and connection.expired is None
         ]
         idle.sort(key=_idle_since)  # the same wait for all: the first deadline idled first
-        closing = idle[:excess]
-        for connection in closing:
-            connection.expire()  # as if its keep-alive timeout had run out
+        # as if their keep-alive timeout had run out
+        closing = [connection for connection in idle[:excess] if connection.expire()]
         if closing:
             self.stats.shed += len(closing)
             log.warning(
@@ -361,7 +361,8 @@ class HTTPConnection:
         self.phase = IDLE
         self.deadline = math.inf
         self.expired: int | None = None
-        self.scope = trio.CancelScope()
+        # a raw socket's deadlines interrupt its waits; a scope is made for a late answer
+        self.scope = _NO_SCOPE if isinstance(stream, RawSocketStream) else trio.CancelScope()
         self.request: RequestHead | None = None
         self.headers: Fields = []
         self.bodyless = False
@@ -377,11 +378,16 @@ class HTTPConnection:
         if isinstance(stream, RawSocketStream):
             stream.watch = self
 
-    def expire(self) -> None:
-        """The current phase ran out of time: cancel whatever the connection awaits."""
+    def expire(self) -> bool:
+        """The current phase ran out of time: end whatever the connection awaits (a raw
+        socket's wait, see RawSocketStream.interrupt; else its cancel scope). False if the
+        raw socket's task is not waiting: not expired, it runs and moves on."""
+        if self.watched and not self.stream.interrupt():  # type: ignore[attr-defined]
+            return False
         self.expired = self.phase
         self.deadline = math.inf
         self.scope.cancel()
+        return True
 
     # -- the parser: h11 here; a subclass may read some requests another way (_httptools) --
 
@@ -463,16 +469,17 @@ class HTTPConnection:
         state.connections.add(self)
         linger = False
         try:
-            with self.scope:
-                linger = await self._serve_requests()
-            expired = self.expired
-            if self.scope.cancelled_caught and expired in (HEAD, BODY):
-                if self.response_started:  # too late to say so: count it, then drop
-                    self._count(self.request, 408, 0)
+            try:
+                if self.watched:  # deadlines end its waits (expire): no scope needed
+                    linger = await self._serve_requests()
                 else:
-                    what = "head" if expired == HEAD else "body"
-                    await self._answer_late(408, f"request {what} not received in time")
-                linger = True
+                    with self.scope:
+                        linger = await self._serve_requests()
+            except _STREAM_ERRORS:
+                if self.expired not in (HEAD, BODY):
+                    raise
+            if self.expired in (HEAD, BODY):
+                linger = await _answer_expired(self)
         except h11.RemoteProtocolError as exc:
             await self._answer_late(exc.error_status_hint, str(exc))
             linger = True
@@ -499,7 +506,7 @@ class HTTPConnection:
                 # sends its whole body before it reads would meet a reset otherwise
                 tail = conn.next_event()
                 if type(tail) is not h11.EndOfMessage and tail is not h11.PAUSED:
-                    if not await self._discard_body():
+                    if not await _discard_body(self):
                         return True  # linger: read what comes for a moment, then close
                 if conn.their_state not in _REQUEST_DONE:
                     return True
@@ -672,18 +679,6 @@ class HTTPConnection:
         if self.started:
             _access_log(self, request, status, sent)
 
-    async def _discard_body(self) -> bool:
-        """Read and drop an unread request body so the connection can be reused."""
-        if self.conn.they_are_waiting_for_100_continue and not self.sent_continue:
-            return False  # never told them to send it: closing is cheaper than reading it
-        reader = BodyReader(self)
-        try:
-            while await reader.next_chunk():
-                pass
-        except (BodyTooLarge, ClientGone):
-            return False
-        return True
-
     # -- responses -------------------------------------------------------------------------
 
     # The response must be the connection's last during a drain, and when the client waits
@@ -731,6 +726,8 @@ class HTTPConnection:
         """An error answer after the connection's scope has ended, in a scope of its own
         that the sweeper can cancel too: a client that does not read gets send_timeout."""
         self.scope = trio.CancelScope()
+        if self.watched:
+            self.stream.resume()  # type: ignore[attr-defined]
         with self.scope:
             await self._reject(status, detail)
 
@@ -748,6 +745,30 @@ class HTTPConnection:
             pass
         if detail:
             log.debug("%d to %s: %s", status, self.client, detail)
+
+
+async def _discard_body(http: HTTPConnection) -> bool:
+    """Read and drop an unread request body so the connection can be reused."""
+    if http.conn.they_are_waiting_for_100_continue and not http.sent_continue:
+        return False  # never told them to send it: closing is cheaper than reading it
+    reader = BodyReader(http)
+    try:
+        while await reader.next_chunk():
+            pass
+    except (BodyTooLarge, ClientGone):
+        return False
+    return True
+
+
+async def _answer_expired(http: HTTPConnection) -> bool:
+    """The request's head or body did not come in time: 408, unless a response has begun
+    (then it is only counted). True: the close lingers."""
+    if http.response_started:  # too late to say so: count it, then drop
+        http._count(http.request, 408, 0)
+    else:
+        what = "head" if http.expired == HEAD else "body"
+        await http._answer_late(408, f"request {what} not received in time")
+    return True
 
 
 def _access_log(http: HTTPConnection, request: RequestHead | None, status: int, sent: int) -> None:
