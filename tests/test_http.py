@@ -210,6 +210,48 @@ async def test_a_body_that_stops_coming_gets_408_and_close_within_the_head_timeo
         assert status_of(good) == 200 and pid_header(good) == str(worker.pid)
 
 
+@pytest.mark.parametrize(
+    ("app", "options", "deferred"),
+    [
+        ("apps.http_apps:native", {}, True),
+        ("apps.http_apps:native", {"defer_accept": False}, False),
+        ("apps.http_apps:native", {"dispatch": "shared"}, True),
+        ("apps.raw:hold_pid", {}, False),  # a stream app may speak first: never deferred
+    ],
+    ids=["http", "no-defer-accept", "shared", "stream-app"],
+)
+async def test_a_connection_is_handed_over_once_its_request_came(
+    app: str, options: dict[str, Any], deferred: bool
+) -> None:
+    # TCP_DEFER_ACCEPT: a client that has not sent a byte stays with the kernel (its
+    # connection half-open there), so the worker's first read finds the request; one that
+    # then sends is served as any other
+    async with open_herd(app=app, workers=1, **options) as herd:
+        host, port = address_of(herd)
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            client_port = stream.socket.getsockname()[1]
+            assert _server_side_state(port, client_port) == ("SYN_RECV" if deferred else "ESTABLISHED")
+            if app.startswith("apps.raw"):
+                assert int(await receive_until(stream, b"\n")) == herd.workers[0].pid
+                return
+            await stream.send_all(GOOD)
+            with trio.fail_after(30):
+                assert status_of(await receive_all(stream)) == 200
+
+
+def _server_side_state(port: int, client_port: int) -> str:
+    """The kernel's state of the server's side of a 127.0.0.1 connection: SYN_RECV while
+    the accept is deferred, ESTABLISHED once it is accepted or in the accept queue."""
+    wanted = (f"0100007F:{port:04X}", f"0100007F:{client_port:04X}")
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2]) == wanted:
+                return {"01": "ESTABLISHED", "03": "SYN_RECV"}.get(fields[3], fields[3])
+    return "MISSING"
+
+
 async def test_idle_keep_alive_connection_is_closed_after_the_timeout() -> None:
     async with open_herd(app="apps.http_apps:native", workers=1, keep_alive_timeout=0.5) as herd:
         host, port = address_of(herd)

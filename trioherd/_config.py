@@ -336,6 +336,14 @@ class Config:
             "and scheme: comma list of IPs and CIDRs, * for all (Unix sockets are trusted)",
         ),
     )
+    defer_accept: bool = attrs.field(
+        default=True,
+        metadata=_option(
+            "bool",
+            "serving HTTP on TCP, the kernel hands over a connection once its first bytes "
+            "came (Linux TCP_DEFER_ACCEPT; a client that sends nothing waits about 1 s)",
+        ),
+    )
     proxy_protocol: bool = attrs.field(
         default=False,
         metadata=_option(

@@ -70,6 +70,22 @@ def open_tcp(address: str, tls: bool) -> Listener:
     return Listener(sock, _url(sock, tls))
 
 
+DEFER_ACCEPT_SECONDS = 1
+"""TCP_DEFER_ACCEPT: how long the kernel keeps a connection that sends nothing before it
+hands it over anyway (rounded to its SYN-ACK retransmissions: 1 s)."""
+
+
+def defer_accept(listener: Listener, on: bool) -> None:
+    """Let the kernel hand over a TCP connection only once its first bytes came (a client
+    that speaks first: HTTP, TLS, PROXY). No effect on Unix sockets or off Linux."""
+    sock = listener.sock
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS if on else 0)
+
+
 def unix_socket_in_use(path: str) -> bool:
     """True if a server listens on the Unix socket ``path``; a stale socket file (its
     server died without removing it) is removed and False returned."""

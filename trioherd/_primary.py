@@ -338,6 +338,7 @@ class Herd:
             if message["v"] != _ipc.PROTOCOL_VERSION:
                 raise IPCProtocolError(f"worker speaks protocol v{message['v']}")
             self._on_ready(worker)
+            self.handoff.defer_accepts(self.config.defer_accept and message.get("http") is True)
         elif kind == "ack":
             self.handoff.acknowledged(worker, message["s"])
         elif kind == "boot_error":

@@ -483,7 +483,7 @@ async def _main(fd: int, conn_fd: int) -> None:
         worker.handler = _make_handler(worker, app, interface)
 
         async def ready() -> None:
-            await channel.send(_ipc.encode("ready", v=_ipc.PROTOCOL_VERSION, pid=os.getpid()))
+            await channel.send(_ready_message(interface))
 
         async def shutdown() -> None:
             assert lifespan is not None
@@ -496,6 +496,14 @@ async def _main(fd: int, conn_fd: int) -> None:
         nursery.cancel_scope.cancel()
     channel.close()
     conns.close()
+
+
+def _ready_message(interface: str) -> bytes:
+    """The worker is ready. ``http``: its app's clients speak first (HTTP, or TLS and PROXY
+    before it), so the primary may let the kernel defer accepts (``--defer-accept``)."""
+    return _ipc.encode(
+        "ready", v=_ipc.PROTOCOL_VERSION, pid=os.getpid(), http=interface != "stream"
+    )
 
 
 def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
