@@ -40,6 +40,10 @@ instead of trio's ``wait_readable``, which re-arms a one-shot registration every
 Send timeout: a send that has to wait tells its :class:`SendWatch` (the HTTP connection)
 when it stalls, again after each stall that follows progress, and when it is done; the
 connection's deadline sweeper does the rest. A send that never waits costs nothing more.
+
+Deadlines end a wait through :meth:`RawSocketStream.interrupt` (the sweeper's call), not a
+cancel scope per connection: the interrupted wait, and any after it, raises
+ClosedResourceError.
 """
 
 from __future__ import annotations
