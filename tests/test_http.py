@@ -231,7 +231,9 @@ async def test_a_connection_is_handed_over_once_its_request_came(
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
             client_port = stream.socket.getsockname()[1]
-            assert _server_side_state(port, client_port) == ("SYN_RECV" if deferred else "ESTABLISHED")
+            assert _server_side_state(port, client_port) == (
+                "SYN_RECV" if deferred else "ESTABLISHED"
+            )
             if app.startswith("apps.raw"):
                 assert int(await receive_until(stream, b"\n")) == herd.workers[0].pid
                 return
