@@ -701,15 +701,16 @@ class HTTPConnection:
         )
         data = self.framing.complete(status, headers, body, close)
         # a small answer on a connection that goes on: the worker's flusher writes it with
-        # the other answers of this pass, and this task goes straight back to waiting
-        if (
-            self.watched
-            and self.framing.keep_alive
-            and len(data) <= SOON_MAX
-            and self.stream.send_soon(data)  # type: ignore[attr-defined]
+        # the other answers of this pass, and this task goes straight back to waiting; the
+        # connection's last answer goes at once (RawSocketStream.send_final)
+        last = not self.framing.keep_alive
+        if self.watched and (
+            last or (len(data) <= SOON_MAX and self.stream.send_soon(data))  # type: ignore[attr-defined]
         ):
             self.response_started = True
             self.state.stats.bytes_out += len(data)
+            if last:
+                await self.stream.send_final(data)  # type: ignore[attr-defined]
             return
         await self.send(data)
 

@@ -358,6 +358,16 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             await self._settle(watched=True)
         await self._send(data, True)
 
+    async def send_final(self, data: bytes) -> None:
+        """The connection's last answer (its close follows at once): written now, without
+        send_all's yield. Holding it for the pass would only delay the answer and the FIN
+        while the client waits to connect again: with a new connection per request it
+        took 13.6-13.9k to 14.3-14.5k req/s (2 workers, ``--dispatch shared``), 12.2-12.7k
+        to 13.3-13.8k round-robin."""
+        if self._out or self._out_error is not None:
+            await self._settle(watched=True)
+        await self._send(data, True)
+
     async def _send(self, data: bytes | bytearray | memoryview, watched: bool) -> None:
         sock = self.socket
         watch = self.watch if watched else None

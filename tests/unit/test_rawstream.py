@@ -160,6 +160,21 @@ async def test_the_answers_of_one_pass_leave_together() -> None:
             theirs.close()
 
 
+async def test_the_last_answer_leaves_at_once() -> None:
+    # send_final (the connection closes after it) does not wait for the pass to end
+    async with edge_stream() as (stream, theirs, _):
+        ran: list[str] = []
+
+        async def other() -> None:
+            ran.append("other")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)  # runs at this task's next checkpoint
+            await stream.send_final(b"bye")
+            assert theirs.recv(10) == b"bye"
+            assert ran == []  # no checkpoint came between: the answer left first
+
+
 async def test_a_cancelled_scope_does_not_stop_a_send_that_need_not_wait() -> None:
     """The yield before a write is shielded: an answer that fits the socket's buffer
     goes out even if the connection's scope was cancelled meanwhile (the send timeout,
