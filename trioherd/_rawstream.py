@@ -351,10 +351,10 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
 
     async def send_final(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` now, without send_all's yield: for the connection's last answer
-        (its close follows at once; send_all is this after its yield). Holding it for the pass would only delay the answer and the FIN
-        while the client waits to connect again: with a new connection per request it
-        took 13.6-13.9k to 14.3-14.5k req/s (2 workers, ``--dispatch shared``), 12.2-12.7k
-        to 13.3-13.8k round-robin."""
+        (its close follows at once; send_all is this after its yield). Holding it for the
+        pass would only delay the answer and the FIN while the client waits to connect
+        again: with a new connection per request it took 13.6-13.9k to 14.3-14.5k req/s
+        (2 workers, ``--dispatch shared``), 12.2-12.7k to 13.3-13.8k round-robin."""
         if self._out or self._out_error is not None:
             await self._settle(watched=True)
         await self._send(data, True)
