@@ -388,8 +388,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 watch.send_resumed()  # also when the wait was cancelled
 
     async def wait_send_all_might_not_block(self) -> None:
-        self._trio_waits = True
-        await trio.lowlevel.wait_writable(self.socket)
+        await self._wait(trio.lowlevel.wait_writable, self.socket)
 
     async def _wait(self, wait: Any, target: Any) -> None:
         """``wait(target)``: trio's ``wait_readable`` or ``wait_writable`` on the socket,
