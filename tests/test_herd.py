@@ -206,6 +206,7 @@ MALFORMED_PACKETS = [
     b'{"t": "no-such-type"}',
     b'{"t": "closed"}',
     b'{"t": "closed", "n": "seven"}',
+    b'{"t": "ack", "s": 1}',  # protocol v2's acknowledgement: the tally's job now
     b'{"t": "conn", "l": 0}',
     b'{"t": "beat", "stats": []}',
     b'{"t": "beat", "stats": {"requests": "lots"}}',

@@ -6,15 +6,17 @@ every accepted fd until a worker has acknowledged it. It never waits on one work
 
 The promise: **no accepted connection is lost**, whatever happens to a worker.
 - Each batch of fds goes to a worker on its connection channel with a sequence number. The
-  primary keeps its own copies until the worker acknowledges the batch (``ack``), which the
-  worker does before it reads a byte of them.
+  primary keeps its own copies until the worker acknowledges the batch: the worker writes
+  the batch's number into its tally (memory it shares with the primary, ``_tally``) before
+  it reads a byte of them, and the primary reads it when it settles (after each burst of
+  accepts, every few ms while it holds copies, and when the worker exits).
 - The primary also holds a copy of the connection channel's *receiving* end. Taking
   packets out of it (a recall) is atomic in the kernel: what the primary takes, the worker
   never gets. So the batches a worker has not taken yet can always be moved to another
   worker, while it lives (it is slow or hung), and after it died.
-- A worker that dies: its last acknowledgements are read first, then its queue is
-  recalled, and every batch it took but never acknowledged goes to another worker too (it
-  cannot have read from them).
+- A worker that dies: its tally is read first, then its queue is recalled, and every
+  batch it took but never acknowledged goes to another worker too (it cannot have read
+  from them).
 - A worker that drains (stop, reload, recycle, scale-down, SIGTERM): the primary stops
   sending to it and queues an end marker behind its last batch; the worker serves
   everything before the marker, then stops reading.
@@ -52,6 +54,12 @@ recalled."""
 MAX_UNACKED = 256
 """Connections one worker may hold unacknowledged; past it, it is skipped."""
 WATCH_INTERVAL = 0.1
+SETTLE_INTERVAL = 0.005
+"""While the primary holds copies of passed connections, it reads the tallies at least
+this often and closes the copies of what was taken."""
+FULL_RECHECK = 0.005
+"""While every worker is full, the primary looks at their tallies this often for a
+connection closed (closes send no message)."""
 
 
 @attrs.define(eq=False)
@@ -79,6 +87,7 @@ class Handoff:
         self._transit: dict[WorkerProcess, _Transit] = {}
         self._beat_overdue = max(1.0, 3 * min(1.0, config.worker_timeout / 4))
         self._capacity = trio.Event()
+        self._holding = trio.Event()  # set while copies of passed connections are held
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._closing = False
@@ -117,22 +126,24 @@ class Handoff:
     def is_dispatching_to(self, worker: WorkerProcess) -> bool:
         return worker in self._dispatcher
 
-    def closed(self, worker: WorkerProcess, count: int) -> None:
-        """``worker`` reports ``count`` connections closed: room for more."""
-        worker.closed += count
-        self.signal_capacity()
+    def settle(self) -> None:
+        """Read every tally: close the copies of the batches workers acknowledged."""
+        for worker, transit in self._transit.items():
+            if transit.batches:
+                self._settle(worker, transit)
 
-    def acknowledged(self, worker: WorkerProcess, seq: int) -> None:
-        """``worker`` took every batch up to ``seq``: they are its own now, and the
-        primary's copies are closed."""
-        transit = self._transit.get(worker)
-        if transit is None:
-            return
-        while transit.batches and transit.batches[0][0] <= seq:
-            _, _, fds, _ = transit.batches.popleft()
-            transit.fds -= len(fds)
-            _ipc.close_fds(fds)
-        self.heard_from(worker)
+    def _settle(self, worker: WorkerProcess, transit: _Transit) -> None:
+        """``worker`` acknowledged every batch up to its tally's ``taken``: they are its
+        own now, and the primary's copies are closed."""
+        taken = worker.tally.taken
+        batches = transit.batches
+        if batches and batches[0][0] <= taken:
+            while batches and batches[0][0] <= taken:
+                _, _, fds, _ = batches.popleft()
+                transit.fds -= len(fds)
+                _ipc.close_fds(fds)
+            if transit.congested:
+                self.heard_from(worker)
 
     def heard_from(self, worker: WorkerProcess) -> None:
         """``worker``'s loop runs (it acknowledged, or a heartbeat came): if it was
@@ -143,9 +154,9 @@ class Handoff:
             self.admit(worker)
 
     def disowned(self, worker: WorkerProcess) -> None:
-        """``worker``'s channel can no longer be trusted (it sent a malformed message), so
-        its acknowledgements will not be read: take back what it has not taken, and count
-        what it took as its own (the primary's copies are closed, as an ack would)."""
+        """``worker`` can no longer be trusted (it sent a malformed message), so its tally
+        will not be read: take back what it has not taken, and count what it took as its
+        own (the primary's copies are closed, as an acknowledgement would)."""
         self._dispatcher.remove(worker)
         transit = self._transit.get(worker)
         if transit is None:
@@ -158,11 +169,12 @@ class Handoff:
         transit.fds = 0
 
     def gone(self, worker: WorkerProcess) -> None:
-        """``worker`` exited (its last messages were read): every connection it did not
-        acknowledge goes to another worker; its channels are closed."""
+        """``worker`` exited: every connection it did not acknowledge goes to another
+        worker; its channels and its tally are closed."""
         self._dispatcher.remove(worker)
         transit = self._transit.pop(worker, None)
         if transit is not None:
+            self._settle(worker, transit)  # its last marks: every store of it is visible
             self._recall(worker, transit, restore_end=False)
             lost = list(transit.batches)
             transit.batches.clear()
@@ -177,6 +189,7 @@ class Handoff:
                 )
         worker.conns.close()
         worker.recall.close()
+        worker.tally.close()
         self.signal_capacity()
 
     def signal_capacity(self) -> None:
@@ -194,6 +207,8 @@ class Handoff:
             self._nursery = nursery
             task_status.started()
             nursery.start_soon(self._watch)
+            if not self.shared:
+                nursery.start_soon(self._settle_held)
             if not self.shared:
                 with self._accept_scope:
                     async with trio.open_nursery() as accepting:
@@ -246,7 +261,7 @@ class Handoff:
             drained = False
             while not drained:
                 if not self._dispatcher.has_room():
-                    await self._capacity.wait()
+                    await self._wait_for_room()
                     continue
                 if self._closing:  # closed while this task was already on its way back
                     return  # from an await: the cancel would come only at the next one
@@ -254,6 +269,7 @@ class Handoff:
                 # either handed over or closed, even if we are cancelled
                 batches, overflow, drained, pause = self._accept_batch(sock, tcp)
                 await self._flush(batches, overflow, index)
+                self.settle()  # awake anyway: what the workers took meanwhile
                 if pause:  # out of fds or memory: give the workers a moment
                     await trio.sleep(OUT_OF_FDS_PAUSE)
 
@@ -310,6 +326,8 @@ class Handoff:
         if transit is None or worker not in self._dispatcher:
             return False  # withdrawn since it was picked (a stale batch)
         if transit.fds + len(fds) > MAX_UNACKED:
+            self._settle(worker, transit)
+        if transit.fds + len(fds) > MAX_UNACKED:
             self._congested(worker, transit, "holds too many connections unacknowledged")
             return False
         seq = transit.next_seq
@@ -325,6 +343,7 @@ class Handoff:
         transit.next_seq = seq + 1
         transit.batches.append((seq, index, fds, trio.current_time()))
         transit.fds += len(fds)
+        self._holding.set()
         return True
 
     def _congested(self, worker: WorkerProcess, transit: _Transit, why: str) -> None:
@@ -349,7 +368,7 @@ class Handoff:
                         log.warning("stopping: %d connections had no worker left", len(fds))
                         self.dropped += len(fds)
                         return
-                    await self._capacity.wait()
+                    await self._wait_for_room()
                     continue
                 worker.dispatched += len(fds)
                 handed = self._pass(worker, fds, index)
@@ -408,11 +427,29 @@ class Handoff:
         with contextlib.suppress(_ipc.ChannelClosed, OSError, trio.ClosedResourceError):
             await conns.send(marker)
 
+    async def _wait_for_room(self) -> None:
+        """Until a worker may have room: one was admitted or went away, or, as a close
+        sends no message, the next look at the tallies."""
+        with trio.move_on_after(FULL_RECHECK):
+            await self._capacity.wait()
+
+    async def _settle_held(self) -> None:
+        """While copies of passed connections are held, settle every SETTLE_INTERVAL: a
+        worker's close ends its connection at once only when the primary's copy is gone
+        (the accept loop settles after every burst; this is for a quiet herd)."""
+        while True:
+            if not any(transit.batches for transit in self._transit.values()):
+                self._holding = trio.Event()
+                await self._holding.wait()
+            await trio.sleep(SETTLE_INTERVAL)
+            self.settle()
+
     async def _watch(self) -> None:
         """Skip workers that leave a batch unacknowledged past ACK_DEADLINE or whose
         heartbeat is overdue, and recall what they have not taken."""
         while True:
             await trio.sleep(WATCH_INTERVAL)
+            self.settle()
             now = trio.current_time()
             anyone = self._dispatcher.has_room()
             for worker, transit in list(self._transit.items()):

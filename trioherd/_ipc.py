@@ -32,7 +32,7 @@ import trio
 
 from ._errors import IPCProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FDS = 16
 MAX_PACKET = 256 * 1024
 MAX_MESSAGE = 64 * 1024  # what send_to_primary() accepts: well within a socket buffer
@@ -50,8 +50,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "ready": {"v": int, "pid": int},
     "boot_error": {"text": str},
     "beat": {"stats": dict},
-    "closed": {"n": int},
-    "ack": {"s": int},
     "draining": {},
 }
 
@@ -101,7 +99,7 @@ def total_stats(many: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 # The connection channel: a second SOCK_SEQPACKET pair per worker that carries nothing but
 # accepted fds, one packet per batch of up to MAX_FDS, primary -> worker. Its packets are
 # binary: the listener's index and the batch's sequence number, which the worker
-# acknowledges (``ack``, on the control channel) before it reads a byte of them.
+# acknowledges (in its tally, ``_tally``) before it reads a byte of them.
 _CONN = struct.Struct("!IQ")
 END_OF_CONNS = 0xFFFFFFFF
 """The listener index of the packet that tells a draining worker no connection follows."""
@@ -125,36 +123,8 @@ def encode(kind: str, **fields: Any) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
-def encode_ack(seq: int) -> bytes:
-    """``encode("ack", s=seq)``, the same bytes, without json: one per batch of
-    connections, on the way from the worker's receive to its first read."""
-    return b'{"s":%d,"t":"ack"}' % seq
-
-
-# The packets of every new connection: ``ack`` (and ``closed``), as encode() writes them.
-# decode() reads these without json (about 2.5 us each in the primary); any other
-# spelling takes the full path and gets the same answer.
-_FAST = {
-    (b'{"s":', b',"t":"ack"}'): ("s", "ack"),
-    (b'{"n":', b',"t":"closed"}'): ("n", "closed"),
-}
-
-
-def _decode_fast(packet: bytes) -> dict[str, Any] | None:
-    for (head, tail), (field, kind) in _FAST.items():
-        if packet.startswith(head) and packet.endswith(tail):
-            digits = packet[len(head) : len(packet) - len(tail)]
-            if digits.isdigit() and len(digits) < 20 and (digits[0] != 48 or digits == b"0"):
-                return {field: int(digits), "t": kind}
-            return None
-    return None
-
-
 def decode(packet: bytes) -> dict[str, Any]:
     """Parse and check one packet. Raises IPCProtocolError if it is not a known message."""
-    fast = _decode_fast(packet)
-    if fast is not None:
-        return fast
     try:
         message = json.loads(packet)
     except (UnicodeDecodeError, ValueError) as exc:

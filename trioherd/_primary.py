@@ -326,9 +326,7 @@ class Herd:
         self, worker: WorkerProcess, message: dict[str, Any], fds: list[int]
     ) -> None:
         kind = message["t"]
-        if kind == "closed":
-            self.handoff.closed(worker, message["n"])
-        elif kind == "beat":
+        if kind == "beat":
             worker.stats = message["stats"]
             self.handoff.heard_from(worker)
             self._recycler.check(worker)
@@ -339,8 +337,6 @@ class Herd:
                 raise IPCProtocolError(f"worker speaks protocol v{message['v']}")
             self._on_ready(worker)
             self.handoff.defer_accepts(self.config.defer_accept and message.get("http") is True)
-        elif kind == "ack":
-            self.handoff.acknowledged(worker, message["s"])
         elif kind == "boot_error":
             worker.boot_error = message["text"]
         elif kind == "draining":  # the worker drains on its own (SIGTERM): let it go

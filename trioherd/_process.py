@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from ._errors import IPCProtocolError
 from ._events import HerdEvent
 from ._listeners import Listener
 from ._policy import ExitFacts, request_limit, should_recycle
+from ._tally import Tally
 
 log = logging.getLogger("trioherd.primary")
 
@@ -67,11 +69,13 @@ class WorkerProcess:
     recall: _ipc.Channel = attrs.field(repr=False)
     """The primary's copy of the connection channel's receiving end: whatever the primary
     takes out of it, the worker never sees (the kernel hands each packet to one reader)."""
+    tally: Tally = attrs.field(repr=False)
+    """The counters the worker keeps in memory shared with the primary: the last batch it
+    took, the connections it opened and closed."""
     state: str = "starting"  # starting, ready, disconnecting, exited
     started_at: float = attrs.field(factory=time.monotonic)
     ready_at: float | None = None
     dispatched: int = 0  # written by the hand-off only
-    closed: int = 0  # written by the hand-off only
     stats: dict[str, Any] = attrs.Factory(dict)
     last_seen: float = 0.0
     requested_disconnect: bool = False
@@ -90,9 +94,11 @@ class WorkerProcess:
 
     @property
     def open_connections(self) -> int:
-        if self.shared:  # the worker accepts for itself: only it knows
-            return int(self.stats.get("open", 0))
-        return self.dispatched - self.closed
+        """Connections the worker holds open; for the primary's dispatch, also those on
+        their way to it."""
+        if self.shared:  # the worker accepts for itself
+            return self.tally.opened - self.tally.closed
+        return self.dispatched - self.tally.closed
 
     @property
     def requests(self) -> int:
@@ -301,6 +307,28 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def _start_interpreter(
+    channel_end: socket.socket, conns_end: socket.socket, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """Start ``python -c`` of the worker with its two channel ends inherited."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _WORKER_COMMAND,
+            "--fd",
+            str(channel_end.fileno()),
+            "--conn-fd",
+            str(conns_end.fileno()),
+            "--ppid",
+            str(os.getpid()),
+        ],
+        pass_fds=[channel_end.fileno(), conns_end.fileno()],
+        start_new_session=True,
+        env=env,
+    )
+
+
 def spawn(
     worker_id: int,
     slot: Slot,
@@ -324,38 +352,27 @@ def spawn(
         config=config.to_wire(),
         tickets=ticket_keys.hex(),
     )
-    primary_end, worker_end = _ipc.channel_pair()
-    conns_end, conns_worker_end = _ipc.channel_pair()
-    ends = [primary_end, conns_end]
-    try:
-        ends.append(conns_worker_end.dup())
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _WORKER_COMMAND,
-                "--fd",
-                str(worker_end.fileno()),
-                "--conn-fd",
-                str(conns_worker_end.fileno()),
-                "--ppid",
-                str(os.getpid()),
-            ],
-            pass_fds=[worker_end.fileno(), conns_worker_end.fileno()],
-            start_new_session=True,
-            env=env,
+    with contextlib.ExitStack() as ends:  # the worker's ends: closed once it has them
+        tally, tally_fd = Tally.create()
+        ends.callback(os.close, tally_fd)
+        with contextlib.ExitStack() as undo:  # the primary's ends, if no worker starts
+            undo.callback(tally.close)
+            primary_end, worker_end = _ipc.channel_pair()
+            undo.callback(primary_end.close)
+            ends.callback(worker_end.close)
+            conns_end, conns_worker_end = _ipc.channel_pair()
+            undo.callback(conns_end.close)
+            ends.callback(conns_worker_end.close)
+            recall_end = conns_worker_end.dup()
+            undo.callback(recall_end.close)
+            process = _start_interpreter(worker_end, conns_worker_end, env)
+            undo.pop_all()
+        channel, conns, recall = (
+            _ipc.Channel(end) for end in (primary_end, conns_end, recall_end)
         )
-    except BaseException:
-        for end in ends:
-            end.close()
-        raise
-    finally:
-        worker_end.close()
-        conns_worker_end.close()
-    channel, conns, recall = (_ipc.Channel(end) for end in ends)
-    fds = [listener.sock.fileno() for listener in listeners] if shared else []
-    channel.try_send(init, fds)  # a fresh socket pair has room for it
-    worker = WorkerProcess(worker_id, slot, process.pid, process, channel, conns, recall)
+        fds = [tally_fd] + ([listener.sock.fileno() for listener in listeners] if shared else [])
+        channel.try_send(init, fds)  # a fresh socket pair has room for it
+    worker = WorkerProcess(worker_id, slot, process.pid, process, channel, conns, recall, tally)
     worker.shared = shared
     worker.request_limit = limit
     worker.last_seen = trio.current_time()

@@ -7,13 +7,13 @@ the app (a failure is reported to the primary as ``boot_error`` with the traceba
 exit 3), run ASGI lifespan startup, then say ``ready``.
 
 Serve: every packet of the connection channel brings up to 16 accepted fds; the worker
-acknowledges what it took (``ack``, on the control channel) before it reads a byte of
-them, then each becomes a connection task in the connection nursery, over a raw
-non-blocking socket for plain HTTP (TCP_NODELAY comes from the listening socket), a trio
-SocketStream for TLS and stream handlers. With the ``shared`` policy the worker accepts on
-the listening sockets it was given instead. Heartbeats with counters go to the primary
-from this event loop, so a blocked loop stops them; closed connections are reported in
-small batches for least-busy dispatch.
+acknowledges what it took (in its tally, memory shared with the primary: ``_tally``)
+before it reads a byte of them, then each becomes a connection task in the connection
+nursery, over a raw non-blocking socket for plain HTTP (TCP_NODELAY comes from the
+listening socket), a trio SocketStream for TLS and stream handlers. With the ``shared``
+policy the worker accepts on the listening sockets it was given instead. Heartbeats with
+counters go to the primary from this event loop, so a blocked loop stops them; the tally
+also counts connections opened and closed, which the primary reads when it dispatches.
 
 Drain: on ``disconnect``, or SIGTERM (then the worker says ``draining`` first), or EOF on
 the channel (the primary died): responses carry ``Connection: close``, idle keep-alive
@@ -50,12 +50,12 @@ from ._native import NativeAdapter
 from ._policy import recycle_threshold
 from ._proxyproto import ProxyProtocolError, read_header
 from ._rawstream import EdgeWaiter, RawSocketStream
+from ._tally import Tally
 
 log = logging.getLogger("trioherd.worker")
 
 EXIT_BOOT_ERROR = 3
 PRIMARY_GONE_GRACE = 1.0
-CLOSED_REPORT_INTERVAL = 0.002
 
 Handler = Callable[[socket.socket], Awaitable[None]]
 """What each accepted socket is given to (see _make_handler)."""
@@ -123,14 +123,18 @@ class Worker:
         self.config = Config.from_wire(init["config"])
         self.info = WorkerInfo(id=init["id"], slot=init["slot"], pid=os.getpid())
         self.state = ServerState(self.config, self.info.id)
-        self.listeners = [socket.socket(fileno=fd) for fd in fds]
+        tally_fd, *listener_fds = fds
+        try:
+            self.tally = Tally(tally_fd)
+        finally:
+            os.close(tally_fd)
+        self.listeners = [socket.socket(fileno=fd) for fd in listener_fds]
         # the address family of each of the primary's listeners, by index
         self.families: list[int] = list(init.get("families") or [socket.AF_INET])
         for listener in self.listeners:
             listener.setblocking(False)
         self.open = 0
-        self.closed_pending = 0
-        self.closed_event = trio.Event()
+        self.closed_event = trio.Event()  # the shared accept loop waits on it when full
         self.idle = trio.Event()
         self.idle.set()
         self.draining = False
@@ -183,8 +187,10 @@ class Worker:
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
         except OSError:
             _ipc.close_fds([fd])
+            self.tally.count_open()
             self.connection_closed()
             return
+        self.tally.count_open()
         self.open += 1
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         self.conn_nursery.start_soon(self.run_connection, sock)
@@ -203,19 +209,8 @@ class Worker:
             self.connection_closed()
 
     def connection_closed(self) -> None:
-        self.closed_pending += 1
+        self.tally.count_close()  # the primary reads it: no message
         self.closed_event.set()
-
-    async def report_closed(self) -> None:
-        """Tell the primary about closed connections, batched: one packet every few ms at
-        most, however many connections closed in between."""
-        while True:
-            await self.closed_event.wait()
-            self.closed_event = trio.Event()
-            count, self.closed_pending = self.closed_pending, 0
-            if count:
-                await self.channel.send(_ipc.encode("closed", n=count))
-            await trio.sleep(CLOSED_REPORT_INTERVAL)
 
     def stats(self) -> dict[str, Any]:
         stats = self.state.stats.snapshot()
@@ -263,14 +258,14 @@ class Worker:
                     log.error("bad connection packet from the primary (%s); draining", exc)
                     await self.begin_drain(self.config.graceful_timeout, announce=True)
                     return
-                if await self.take(batch):
+                if self.take(batch):
                     return
         finally:
             self.conns_done.set()
 
-    async def take(self, batch: list[tuple[bytes, list[int]]]) -> bool:
-        """Acknowledge a batch of connection packets, then start serving them. True if
-        the end marker was among them."""
+    def take(self, batch: list[tuple[bytes, list[int]]]) -> bool:
+        """Acknowledge a batch of connection packets (in the tally the primary reads),
+        then start serving them. True if the end marker was among them."""
         taken: list[tuple[int, int]] = []
         last = 0
         end = False
@@ -290,8 +285,7 @@ class Worker:
                 taken.extend((fd, family) for fd in fds)
                 last = max(last, seq)
             if last:  # before a byte is read: the primary keeps its copies until then
-                with contextlib.suppress(_ipc.ChannelClosed, OSError):
-                    await self.channel.send(_ipc.encode_ack(last))
+                self.tally.taken = last
         except BaseException:
             _ipc.close_fds([fd for fd, _ in taken])
             raise
@@ -360,22 +354,14 @@ class Worker:
                 conns.start_soon(self.read_conns)
                 root.start_soon(self.heartbeat)
                 await root.start(self.drain_on_sigterm)
-                # closes matter to the primary only when it hands connections over: with
-                # shared dispatch it reads "open" from the heartbeat, and a report every
-                # few ms would only wake it (a costly wake-up on a virtual machine)
-                if not self.listeners:
-                    root.start_soon(self.report_closed)
                 root.start_soon(self.state.sweep)
                 self.state.edge = EdgeWaiter()
                 root.start_soon(self.state.edge.run)
                 await ready()
                 await self.read_channel_until_drain(conns)
-            # connections are done (or were cancelled at the deadline): last words, so the
-            # primary's connection counts balance and no served request goes uncounted
+            # connections are done (or were cancelled at the deadline): last words, so no
+            # served request goes uncounted (the tally already holds every close)
             with contextlib.suppress(_ipc.ChannelClosed, OSError):
-                if self.closed_pending and not self.listeners:
-                    await self.channel.send(_ipc.encode("closed", n=self.closed_pending))
-                    self.closed_pending = 0
                 await self.channel.send(_ipc.encode("beat", stats=self.stats()))
             if drained is not None:
                 await drained()
@@ -447,8 +433,8 @@ async def _main(fd: int, conn_fd: int) -> None:
         batch = await channel.receive_batch()
         init = _ipc.decode(batch[0][0])
         fds = batch[0][1]
-        if init["t"] != "init" or init["v"] != _ipc.PROTOCOL_VERSION:
-            raise IPCProtocolError(f"expected init v{_ipc.PROTOCOL_VERSION}")
+        if init["t"] != "init" or init["v"] != _ipc.PROTOCOL_VERSION or not fds:
+            raise IPCProtocolError(f"expected init v{_ipc.PROTOCOL_VERSION} with a tally")
     except (_ipc.ChannelClosed, IPCProtocolError) as exc:
         sys.stderr.write(f"trioherd worker: no valid init from the primary: {exc}\n")
         os._exit(1)
