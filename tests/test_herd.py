@@ -25,6 +25,9 @@ from helpers import (
     receive_until,
     wait_until,
 )
+from trioherd import _ipc
+from trioherd._config import Config
+from trioherd._tally import Tally
 
 
 async def pid_of_new_connection(herd: trioherd.Herd) -> int:
@@ -197,6 +200,47 @@ async def test_primary_fd_count_returns_to_start_after_1000_connections() -> Non
         with trio.fail_after(10):
             while any(w.open_connections for w in herd.workers):
                 await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("version", "with_tally"),
+    [(_ipc.PROTOCOL_VERSION, False), (2, True), (_ipc.PROTOCOL_VERSION + 1, True)],
+    ids=["no-tally", "older-primary", "newer-primary"],
+)
+def test_a_worker_refuses_an_init_it_cannot_serve_with(version: int, with_tally: bool) -> None:
+    """A worker started by a primary of another version, or given no tally to acknowledge
+    connections in, exits 1 at once and says why, instead of serving without them."""
+    primary_end, worker_end = _ipc.channel_pair()
+    conns_end, conns_worker_end = _ipc.channel_pair()
+    tally, tally_fd = Tally.create()
+    try:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import trioherd._worker as w; w.main()",
+                "--fd",
+                str(worker_end.fileno()),
+                "--conn-fd",
+                str(conns_worker_end.fileno()),
+                "--ppid",
+                str(os.getpid()),
+            ],
+            pass_fds=[worker_end.fileno(), conns_worker_end.fileno()],
+            stderr=subprocess.PIPE,
+        )
+        worker_end.close()
+        conns_worker_end.close()
+        init = _ipc.encode("init", v=version, id=1, slot=0, config=Config().to_wire())
+        assert _ipc.Channel(primary_end).try_send(init, [tally_fd] if with_tally else [])
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        for end in (primary_end, worker_end, conns_end, conns_worker_end):
+            end.close()
+        os.close(tally_fd)
+        tally.close()
+    assert process.returncode == 1, stderr
+    assert b"no valid init from the primary" in stderr, stderr
 
 
 MALFORMED_PACKETS = [
