@@ -27,6 +27,7 @@ from helpers import (
 )
 from trioherd import _ipc
 from trioherd._config import Config
+from trioherd._process import _WORKER_COMMAND
 from trioherd._tally import Tally
 
 
@@ -218,7 +219,7 @@ def test_a_worker_refuses_an_init_it_cannot_serve_with(version: int, with_tally:
             [
                 sys.executable,
                 "-c",
-                "import trioherd._worker as w; w.main()",
+                _WORKER_COMMAND,
                 "--fd",
                 str(worker_end.fileno()),
                 "--conn-fd",
