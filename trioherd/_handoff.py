@@ -209,7 +209,6 @@ class Handoff:
             nursery.start_soon(self._watch)
             if not self.shared:
                 nursery.start_soon(self._settle_held)
-            if not self.shared:
                 with self._accept_scope:
                     async with trio.open_nursery() as accepting:
                         for index, listener in enumerate(self.listeners):
