@@ -97,7 +97,7 @@ class WorkerProcess:
         """Connections the worker holds open; for the primary's dispatch, also those on
         their way to it."""
         if self.shared:  # the worker accepts for itself
-            return self.tally.opened - self.tally.closed
+            return self.tally.open
         return self.dispatched - self.tally.closed
 
     @property

@@ -29,7 +29,6 @@ import mmap
 import os
 
 _TAKEN, _OPENED, _CLOSED = range(3)
-_WORDS = 3
 
 
 class Tally:
@@ -74,6 +73,11 @@ class Tally:
     @property
     def closed(self) -> int:
         return self._read(_CLOSED)
+
+    @property
+    def open(self) -> int:
+        """Connections opened and not closed yet."""
+        return self._read(_OPENED) - self._read(_CLOSED)
 
     def count_open(self) -> None:
         self._words[_OPENED] += 1

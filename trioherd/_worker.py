@@ -133,7 +133,6 @@ class Worker:
         self.families: list[int] = list(init.get("families") or [socket.AF_INET])
         for listener in self.listeners:
             listener.setblocking(False)
-        self.open = 0
         self.closed_event = trio.Event()  # the shared accept loop waits on it when full
         self.idle = trio.Event()
         self.idle.set()
@@ -182,16 +181,14 @@ class Worker:
 
     def start_connection(self, fd: int, family: int) -> None:
         assert self.conn_nursery is not None
+        self.tally.count_open()
         try:
             # naming the family spares the three getsockopt calls of a bare fileno=
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
         except OSError:
             _ipc.close_fds([fd])
-            self.tally.count_open()
             self.connection_closed()
             return
-        self.tally.count_open()
-        self.open += 1
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         self.conn_nursery.start_soon(self.run_connection, sock)
 
@@ -203,10 +200,14 @@ class Worker:
             log.exception("connection handler failed")
         finally:
             sock.close()
-            self.open -= 1
+            self.connection_closed()
             if self.open == 0:
                 self.idle.set()
-            self.connection_closed()
+
+    @property
+    def open(self) -> int:
+        """Connections open now (the tally counts them, for the primary too)."""
+        return self.tally.open
 
     def connection_closed(self) -> None:
         self.tally.count_close()  # the primary reads it: no message

@@ -26,6 +26,7 @@ def test_what_one_mapping_writes_another_reads_at_once() -> None:
     worker.count_open()
     worker.count_close()
     assert (primary.taken, primary.opened, primary.closed) == (41, 2, 1)
+    assert primary.open == worker.open == 1
     worker.taken = 2**64 - 1  # a whole 64-bit word
     assert primary.taken == 2**64 - 1
     worker.close()
