@@ -336,6 +336,11 @@ async def test_asgi_app_with_lifespan_state_and_streaming() -> None:
             }
             streamed = await client.get("/stream")
             assert streamed.text == "part 0\npart 1\npart 2\n"
+            # header fields as a generator of bytes-like lists: whole, again, and streamed
+            for target in ("/fields", "/fields", "/fields?stream"):
+                reply = await client.get(target)
+                assert reply.headers.get_list("x-gen") == ["0", "1"], reply.headers
+                assert reply.text == "fields"
 
 
 async def test_starlette_app_runs_on_the_herd() -> None:

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import trio
 
-from ._framing import Fields
+from ._framing import as_fields
 from ._http import BodyReader, ClientGone, HTTPConnection, RequestHead
 
 ASGIApp = Callable[..., Awaitable[None]]
@@ -89,7 +89,7 @@ class ASGIExchange:
         self.complete = False  # the response is complete (or the app has returned)
         self._ended: trio.Event | None = None  # made only for a receive that waits for it
         self.status = 0
-        self.pending_head: Fields | None = None  # from http.response.start, not sent yet
+        self.pending_head: tuple[Any, ...] | None = None  # from http.response.start
         self.head_sent = False
 
     async def receive(self) -> Message:
@@ -118,7 +118,8 @@ class ASGIExchange:
             if self.pending_head is not None or self.head_sent:
                 raise RuntimeError("ASGI app sent http.response.start twice")
             self.status = int(message["status"])
-            self.pending_head = [(bytes(n), bytes(v)) for n, v in message.get("headers", ())]
+            # the app's pairs, unconverted (see ResponseFraming.complete), read once
+            self.pending_head = tuple(message.get("headers", ()))
         elif kind == "http.response.body":
             if self.complete:
                 return
@@ -133,7 +134,8 @@ class ASGIExchange:
                     await http.send_complete(self.status, self.pending_head, body)
                     self.finish()
                     return
-                data = http.head(self.status, self.pending_head, None) + http.framing.body(body)
+                head = http.head(self.status, as_fields(self.pending_head), None)
+                data = head + http.framing.body(body)
             else:
                 data = http.framing.body(body)
             if not more:

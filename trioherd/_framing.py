@@ -20,6 +20,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,12 @@ _CHECKED_VALUE_MAX = 256
 _date_second = 0
 _date_value = b""
 
+# whole responses' heads, by what makes them (see ResponseFraming.complete): an app answers
+# with the same status and fields again and again, and building the head was most of the
+# cost of framing it. Emptied when the date changes (every head holds it) and when full.
+_HEADS: dict[tuple[Any, ...], tuple[bytes, bool, bool, int | None, bool, bytes | None]] = {}
+_HEADS_MAX = 256
+
 
 class InvalidResponse(Exception):
     """The app asked for a response HTTP cannot carry (a bad header, a wrong length)."""
@@ -56,6 +63,7 @@ def http_date() -> bytes:
     if now != _date_second:
         _date_second = now
         _date_value = email.utils.formatdate(now, usegmt=True).encode()
+        _HEADS.clear()
     return _date_value
 
 
@@ -78,6 +86,11 @@ def header_list(request: h11.Request | Any) -> Fields:
     if isinstance(items, list):
         return [(name, value) for _, name, value in items]
     return list(headers)
+
+
+def as_fields(headers: Any) -> Fields:
+    """An app's header fields (pairs of bytes-like objects) as a list of bytes pairs."""
+    return [(bytes(name), bytes(value)) for name, value in headers]
 
 
 class ResponseFraming:
@@ -192,9 +205,47 @@ class ResponseFraming:
             parts.append(b"server: trioherd\r\n")
         return declared
 
-    def complete(self, status: int, headers: Fields, body: bytes, close: bool = False) -> bytes:
-        """A whole response whose body is known: head and body, for one send."""
-        data = self.head(status, headers, len(body), close)
+    def complete(
+        self, status: int, headers: Sequence[Any], body: bytes, close: bool = False
+    ) -> bytes:
+        """A whole response whose body is known: head and body, for one send.
+
+        The head is made once for each set of what it depends on (the status, the fields,
+        the body's length, the request's keep-alive and HEAD, ``close``) within a second,
+        and taken from ``_HEADS`` after that, with the state making it left behind.
+        ``headers`` may be any bytes-like pairs (an ASGI app's, unconverted): pairs that
+        are not tuples of hashable bytes are made into a head every time."""
+        length = len(body)
+        http_date()  # a new second empties _HEADS
+        key = (status, *headers, length, close, self.keep_alive, self.head_only)
+        remember = True
+        try:
+            made = _HEADS.get(key)
+        except TypeError:  # a field that is not a tuple of bytes: unhashable
+            made = None
+            remember = False
+        if made is None:
+            data = self.head(status, as_fields(headers), length, close)
+            if remember:
+                if len(_HEADS) >= _HEADS_MAX:
+                    _HEADS.clear()
+                _HEADS[key] = (
+                    data,
+                    self.keep_alive,
+                    self.bodyless_status,
+                    self._remaining,
+                    self._chunked,
+                    self._connection,
+                )
+        else:
+            (
+                data,
+                self.keep_alive,
+                self.bodyless_status,
+                self._remaining,
+                self._chunked,
+                self._connection,
+            ) = made
         if body and not self.head_only and not self.bodyless_status:
             data += body
         return data

@@ -33,7 +33,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import h11
@@ -694,7 +694,7 @@ class HTTPConnection:
         )
         return self.framing.head(status, headers, length, close)
 
-    async def send_complete(self, status: int, headers: Fields, body: bytes) -> None:
+    async def send_complete(self, status: int, headers: Sequence[Any], body: bytes) -> None:
         """A response whose body is known: head and body in one send_all."""
         close = self.state.draining or (
             not self.bodyless and self.conn.they_are_waiting_for_100_continue

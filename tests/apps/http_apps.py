@@ -72,6 +72,14 @@ async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
+    if scope["path"] == "/fields":  # fields as an iterable of bytes-like pairs, not tuples
+        fields = ([bytearray(b"x-gen"), memoryview(b"%d" % n)] for n in range(2))
+        await send({"type": "http.response.start", "status": 200, "headers": fields})
+        more = scope["query_string"] == b"stream"
+        await send({"type": "http.response.body", "body": b"fields", "more_body": more})
+        if more:
+            await send({"type": "http.response.body", "body": b""})
+        return
     if scope["path"] == "/stream":
         await send(
             {"type": "http.response.start", "status": 200, "headers": [(b"x-pid", PID.encode())]}

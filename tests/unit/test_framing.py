@@ -302,3 +302,58 @@ def test_a_refused_response_does_not_spoil_the_error_answer_after_it() -> None:
     data = framer.complete(500, [], b"500 Internal Server Error\n", close=True)
     assert data.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
     assert b"content-length: 26\r\nconnection: close\r\n\r\n" in data
+
+
+def test_a_head_made_again_from_memory_is_the_same_head_with_the_same_decision() -> None:
+    from trioherd import _framing
+
+    _framing._HEADS.clear()
+    cases = [
+        (200, [(b"content-type", b"text/plain")], b"Hello", True, False),
+        (200, [(b"connection", b"close")], b"Hello", True, False),  # the app ends it
+        (200, [(b"x-a", b"1")], b"Hello", False, False),  # the request ends it
+        (200, [(b"content-length", b"5")], b"", True, True),  # HEAD
+        (204, [(b"content-length", b"0")], b"", True, False),
+        (304, [], b"", True, False),
+    ]
+    for status, fields, body, keep_alive, head_only in cases:
+        made = []
+        for _ in range(3):  # made, then twice from memory
+            framer = framing(head_only=head_only, keep_alive=keep_alive)
+            data = framer.complete(status, fields, body)
+            made.append((data, framer.keep_alive, framer.wants_body(), framer.body(b"x")))
+        assert made[0] == made[1] == made[2], (status, fields)
+    assert _framing._HEADS  # (or the test would prove nothing)
+
+
+def test_the_same_fields_as_lists_or_other_bytes_like_objects_make_the_same_response() -> None:
+    as_tuples = framing().complete(200, [(b"x-a", b"1"), (b"x-b", b"2")], b"ok")
+    as_lists = framing().complete(
+        200, [[b"x-a", b"1"], [bytearray(b"x-b"), memoryview(b"2")]], b"ok"
+    )  # type: ignore[list-item]
+    assert as_lists == as_tuples
+
+
+def test_a_field_refused_once_is_refused_every_time() -> None:
+    for _ in range(3):
+        with pytest.raises(InvalidResponse, match="invalid response header"):
+            framing().complete(200, [(b"x-a", b"bad\r\nx-b: smuggled")], b"")
+        with pytest.raises(InvalidResponse, match="invalid content-length"):
+            framing().complete(200, [(b"content-length", b"5"), (b"content-length", b"6")], b"")
+
+
+def test_heads_in_memory_carry_the_date_of_now_and_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trioherd import _framing
+
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(_framing.time, "time", lambda: now[0])
+    first = framing().complete(200, [], b"")
+    assert b"date: " + email.utils.formatdate(now[0], usegmt=True).encode() in first
+    now[0] += 1
+    second = framing().complete(200, [], b"")
+    assert b"date: " + email.utils.formatdate(now[0], usegmt=True).encode() in second
+    for n in range(_framing._HEADS_MAX + 10):
+        framing().complete(200, [(b"x-n", b"%d" % n)], b"")
+    assert len(_framing._HEADS) <= _framing._HEADS_MAX
