@@ -37,33 +37,28 @@ _END = h11.EndOfMessage()
 
 
 class Head:
-    """A request head llhttp read: what an adapter reads of h11's Request."""
+    """A request head llhttp read: what an adapter reads of h11's Request. It also stands
+    where h11's parser would be after a whole request without a body: done, holding the
+    bytes received after it (see HTTPConnection._serve_requests)."""
 
-    __slots__ = ("headers", "http_version", "method", "target")
+    __slots__ = ("headers", "http_version", "method", "target", "trailing_data")
+    their_state = h11.DONE
+    they_are_waiting_for_100_continue = False
 
-    def __init__(self, method: bytes, target: bytes, http_version: bytes, headers: Fields):
+    def __init__(
+        self, method: bytes, target: bytes, http_version: bytes, headers: Fields, rest: bytes
+    ) -> None:
         self.method = method
         self.target = target
         self.http_version = http_version
         self.headers = headers
-
-
-class Finished:
-    """Stands where h11's parser would be after a whole request without a body: done,
-    holding the bytes received after it (see HTTPConnection._serve_requests)."""
-
-    __slots__ = ("trailing_data",)
-    their_state = h11.DONE
-    they_are_waiting_for_100_continue = False
-
-    def __init__(self, rest: bytes) -> None:
         self.trailing_data = (rest, False)
 
     def next_event(self) -> h11.EndOfMessage:
         return _END
 
 
-_WAITING = Finished(b"")  # no byte of the next request has reached a parser yet
+_WAITING = Head(b"", b"", b"", [], b"")  # no byte of the next request has reached a parser yet
 
 
 class _Fields:
@@ -105,19 +100,18 @@ class HttptoolsConnection(HTTPConnection):
     def _feed(self, data: bytes) -> Any:
         conn: Any = self.conn
         if conn is _WAITING:
-            read = plain_head(data)
-            if read is not None:
-                head, finished = read
-                self.conn = finished  # type: ignore[assignment]  # (a stand-in, as above)
+            head = plain_head(data)
+            if head is not None:
+                self.conn = head  # type: ignore[assignment]  # (a stand-in, as above)
                 return head
             conn = self.conn = HTTPConnection._fresh(self, b"")
         conn.receive_data(data)
         return conn.next_event()
 
 
-def plain_head(data: bytes) -> tuple[Head, Finished] | None:
-    """The request whose head starts ``data``, and where its parser stands after it (with
-    the bytes after the head), if the head is plain; else None: h11's to read."""
+def plain_head(data: bytes) -> Head | None:
+    """The request whose head starts ``data`` (which also stands for its parser after it,
+    with the bytes after the head), if the head is plain; else None: h11's to read."""
     end = data.find(b"\r\n\r\n") + 4
     if end < 4:
         return None
@@ -140,4 +134,4 @@ def plain_head(data: bytes) -> tuple[Head, Finished] | None:
         or (fields.hosts == 0 and version == b"1.1")
     ):
         return None
-    return Head(line[1], line[2], version, fields.headers), Finished(data[end:])
+    return Head(line[1], line[2], version, fields.headers, data[end:])

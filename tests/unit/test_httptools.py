@@ -36,12 +36,11 @@ def h11_reading(data: bytes) -> tuple[Any, ...] | None:
 
 
 def llhttp_reading(data: bytes) -> tuple[Any, ...] | None:
-    read = plain_head(data)
-    if read is None:
+    head = plain_head(data)
+    if head is None:
         return None
-    head, finished = read
-    assert finished.their_state is h11.DONE
-    return (head.method, head.target, head.http_version, head.headers, finished.trailing_data[0])
+    assert head.their_state is h11.DONE and type(head.next_event()) is h11.EndOfMessage
+    return (head.method, head.target, head.http_version, head.headers, head.trailing_data[0])
 
 
 def assert_same(data: bytes) -> tuple[Any, ...] | None:
