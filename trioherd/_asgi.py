@@ -21,6 +21,17 @@ Message = dict[str, Any]
 
 _TLS_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
+# the scope's text of common methods and versions, and of recent targets (path, raw_path,
+# query_string): the same few come again and again (bounded: short targets only, and
+# emptied when full)
+_NAMES = {
+    name.encode(): name
+    for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "1.1", "1.0")
+}
+_TARGETS: dict[bytes, tuple[str, bytes, bytes]] = {}
+_TARGETS_MAX = 256
+_TARGET_MAX = 256
+
 
 class ASGIAdapter:
     """Serves an ASGI 3 app; one per worker (see ``_http.Adapter``).
@@ -55,17 +66,27 @@ class ASGIAdapter:
         return exchange.status
 
     def http_scope(self, http: HTTPConnection, request: RequestHead) -> dict[str, Any]:
-        path, _, query = request.target.partition(b"?")
-        text_path = path.decode("latin-1")
+        target = request.target
+        parts = _TARGETS.get(target)
+        if parts is None:
+            raw_path, _, query = target.partition(b"?")
+            text = raw_path.decode("latin-1")
+            parts = (unquote(text) if "%" in text else text, raw_path, query)
+            if len(target) <= _TARGET_MAX:
+                if len(_TARGETS) >= _TARGETS_MAX:
+                    _TARGETS.clear()
+                _TARGETS[target] = parts
+        version = request.http_version
+        method = request.method
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": request.http_version.decode("ascii"),
-            "method": request.method.decode("ascii"),
+            "http_version": _NAMES.get(version) or version.decode("ascii"),
+            "method": _NAMES.get(method) or method.decode("ascii"),
             "scheme": http.scheme,
-            "path": unquote(text_path) if "%" in text_path else text_path,
-            "raw_path": path,
-            "query_string": query,
+            "path": parts[0],
+            "raw_path": parts[1],
+            "query_string": parts[2],
             "root_path": "",
             "headers": http.headers,
             "client": http.client,
@@ -85,7 +106,7 @@ class ASGIExchange:
 
     def __init__(self, http: HTTPConnection) -> None:
         self.http = http
-        self.reader = BodyReader(http)
+        self.reader: BodyReader | None = None  # made by the first receive
         self.complete = False  # the response is complete (or the app has returned)
         self._ended: trio.Event | None = None  # made only for a receive that waits for it
         self.status = 0
@@ -94,6 +115,8 @@ class ASGIExchange:
 
     async def receive(self) -> Message:
         reader = self.reader
+        if reader is None:
+            reader = self.reader = BodyReader(self.http)
         if not reader.done:
             chunk = await reader.next_chunk()
             return {"type": "http.request", "body": chunk, "more_body": not reader.done}
@@ -124,8 +147,10 @@ class ASGIExchange:
             if self.complete:
                 return
             http = self.http
-            body = bytes(message.get("body", b""))
-            more = bool(message.get("more_body", False))
+            body = message.get("body", b"")
+            if type(body) is not bytes:
+                body = bytes(body)
+            more = bool(message.get("more_body"))
             if not self.head_sent:
                 if self.pending_head is None:
                     raise RuntimeError("ASGI app sent a body before http.response.start")
