@@ -114,6 +114,9 @@ class ServerState:
         self.websockets: set[Any] = set()  # open WebSockets (_websocket.WebSocket)
         self.trusted = TrustedPeers(config.forwarded_allow_ips)  # whose forwarded headers
         self.edge: EdgeWaiter | None = None  # plain connections wait on it (the worker's)
+        # trio.current_time, or once the sweeper runs the run's clock's own method: the
+        # same time, without the two calls in between (it is read for every request)
+        self.now: Callable[[], float] = trio.current_time
         shortest = min(
             config.keep_alive_timeout or 1.0, config.header_timeout, config.send_timeout, 1.0
         )
@@ -145,9 +148,10 @@ class ServerState:
         One timer task per worker instead of a cancel scope per read: the hot path only
         writes a number. A deadline is enforced within ``sweep_interval`` of passing.
         """
+        self.now = trio.lowlevel.current_clock().current_time
         while True:
             await trio.sleep(self.sweep_interval)
-            now = trio.current_time()
+            now = self.now()
             connections = self.connections
             for connection in connections:
                 if connection.phase == SEND:
@@ -540,7 +544,9 @@ class HTTPConnection:
             self.deadline = trio.current_time() + config.header_timeout
         else:
             self.phase = IDLE
-            self.deadline = trio.current_time() + state.idle_wait()
+            self.deadline = state.now() + (
+                state.drain_grace if state.draining else config.keep_alive_timeout
+            )  # (ServerState.idle_wait, written out: this is the hot path)
         stream = self.stream
         # after a response on a raw socket, wait for the next request before reading
         receive = stream.receive_next if self.served and self.watched else stream.receive_some  # type: ignore[attr-defined]
@@ -673,7 +679,7 @@ class HTTPConnection:
         self.counted = True
         stats = self.state.stats
         stats.requests += 1
-        stats.status[min(status // 100, 5)] += 1
+        stats.status[status // 100 if status < 600 else 5] += 1
         if self.state.on_request is not None:
             self.state.on_request()
         if self.started:
