@@ -52,6 +52,7 @@ import contextlib
 import errno
 import select
 import socket
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import trio
@@ -166,15 +167,15 @@ class EdgeWaiter:
         except (OSError, ValueError):  # the epoll is closed already (the worker ends)
             pass
 
-    async def wait(self, fd: int) -> None:
-        """Until ``fd`` has news (a checkpoint, like trio's waits)."""
+    def wait(self, fd: int) -> Awaitable[Any]:
+        """Await it: until ``fd`` has news (a checkpoint, like trio's waits). A plain
+        function that returns trio's wait to await: one coroutine less in the chain that
+        every wake-up of a connection's task goes through."""
         if self._epoll.closed:  # the worker is ending: trio's own wait
-            await trio.lowlevel.wait_readable(fd)
-            return
+            return trio.lowlevel.wait_readable(fd)
         if fd in self._ready:
             self._ready.discard(fd)
-            await trio.lowlevel.checkpoint()  # a trip through the scheduler, for fairness
-            return
+            return trio.lowlevel.checkpoint()  # a trip through the scheduler, for fairness
         task = trio.lowlevel.current_task()
         self._waiting[fd] = task
 
@@ -183,7 +184,7 @@ class EdgeWaiter:
                 del self._waiting[fd]
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        return trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class RawSocketStream(trio.abc.HalfCloseableStream):
