@@ -292,6 +292,9 @@ class RequestHead(Protocol):
     @property
     def http_version(self) -> bytes: ...
 
+    @property
+    def headers(self) -> Any: ...  # h11's Headers, or a plain list of fields
+
 
 class Adapter(Protocol):
     """An app interface (native, ASGI), chosen once per worker: runs the app for one
@@ -365,8 +368,11 @@ class HTTPConnection:
         self.phase = IDLE
         self.deadline = math.inf
         self.expired: int | None = None
-        # a raw socket's deadlines interrupt its waits; a scope is made for a late answer
-        self.scope = _NO_SCOPE if isinstance(stream, RawSocketStream) else trio.CancelScope()
+        # a raw socket tells us when a send stalls (send_stalled), and its deadlines
+        # interrupt its waits (a scope is made for a late answer); other streams are timed
+        # piece by piece in write(), and their deadlines cancel their scope
+        self.watched = raw = isinstance(stream, RawSocketStream)
+        self.scope = _NO_SCOPE if raw else trio.CancelScope()
         self.request: RequestHead | None = None
         self.headers: Fields = []
         self.bodyless = False
@@ -376,11 +382,8 @@ class HTTPConnection:
         self.served = 0  # requests read on this connection
         self.send_mark = -1  # what the kernel held for the client at the last look
         self.stalled_in = APP  # the phase a stalled send came from (send_stalled)
-        # a raw socket tells us when a send stalls (send_stalled); other streams are timed
-        # piece by piece in write()
-        self.watched = isinstance(stream, RawSocketStream)
-        if isinstance(stream, RawSocketStream):
-            stream.watch = self
+        if raw:
+            stream.watch = self  # type: ignore[attr-defined]
 
     def expire(self) -> bool:
         """The current phase ran out of time: end whatever the connection awaits (a raw
@@ -572,8 +575,9 @@ class HTTPConnection:
     async def _serve_request(self, request: RequestHead) -> bool:
         """Run the app for one request; False if the connection must end at once."""
         self.request = request
-        self.started = self.started_at()
-        self.headers = headers = header_list(request)
+        self.started = time.perf_counter() if self.state.config.access_log else 0.0
+        headers = request.headers  # a plain list already when llhttp read it
+        self.headers = headers = headers if type(headers) is list else header_list(request)
         refusal = self._check_head(request, headers)
         if refusal is not None:
             await self._reject(*refusal)
