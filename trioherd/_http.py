@@ -368,9 +368,8 @@ class HTTPConnection:
         self.phase = IDLE
         self.deadline = math.inf
         self.expired: int | None = None
-        # a raw socket tells us when a send stalls (send_stalled), and its deadlines
-        # interrupt its waits (a scope is made for a late answer); other streams are timed
-        # piece by piece in write(), and their deadlines cancel their scope
+        # a raw socket says when a send stalls (send_stalled) and its deadlines interrupt
+        # its waits; other streams are timed in write() and their deadlines cancel a scope
         self.watched = raw = isinstance(stream, RawSocketStream)
         self.scope = _NO_SCOPE if raw else trio.CancelScope()
         self.request: RequestHead | None = None
