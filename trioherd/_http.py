@@ -292,9 +292,6 @@ class RequestHead(Protocol):
     @property
     def http_version(self) -> bytes: ...
 
-    @property
-    def headers(self) -> Any: ...  # h11's Headers, or a plain list of fields
-
 
 class Adapter(Protocol):
     """An app interface (native, ASGI), chosen once per worker: runs the app for one
@@ -546,9 +543,7 @@ class HTTPConnection:
             self.deadline = trio.current_time() + config.header_timeout
         else:
             self.phase = IDLE
-            self.deadline = state.now() + (
-                state.drain_grace if state.draining else config.keep_alive_timeout
-            )  # (ServerState.idle_wait, written out: this is the hot path)
+            self.deadline = state.now() + state.idle_wait()
         stream = self.stream
         # after a response on a raw socket, wait for the next request before reading
         receive = stream.receive_next if self.served and self.watched else stream.receive_some  # type: ignore[attr-defined]
@@ -574,9 +569,8 @@ class HTTPConnection:
     async def _serve_request(self, request: RequestHead) -> bool:
         """Run the app for one request; False if the connection must end at once."""
         self.request = request
-        self.started = time.perf_counter() if self.state.config.access_log else 0.0
-        headers = request.headers  # a plain list already when llhttp read it
-        self.headers = headers = headers if type(headers) is list else header_list(request)
+        self.started = self.started_at()
+        self.headers = headers = header_list(request)
         refusal = self._check_head(request, headers)
         if refusal is not None:
             await self._reject(*refusal)
