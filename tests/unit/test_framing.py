@@ -330,7 +330,7 @@ def test_the_same_fields_as_lists_or_other_bytes_like_objects_make_the_same_resp
     as_tuples = framing().complete(200, [(b"x-a", b"1"), (b"x-b", b"2")], b"ok")
     as_lists = framing().complete(
         200, [[b"x-a", b"1"], [bytearray(b"x-b"), memoryview(b"2")]], b"ok"
-    )  # type: ignore[list-item]
+    )
     assert as_lists == as_tuples
 
 
