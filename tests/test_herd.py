@@ -327,6 +327,41 @@ async def test_shared_dispatch_workers_accept_themselves() -> None:
         assert pids
 
 
+@pytest.mark.parametrize(
+    ("options", "own_policy", "primary_policy"),
+    [
+        ({}, os.SCHED_OTHER, os.SCHED_BATCH),
+        ({"batch_primary": False}, os.SCHED_OTHER, os.SCHED_OTHER),
+        ({"dispatch": "shared"}, os.SCHED_OTHER, os.SCHED_OTHER),  # it passes nothing
+        ({}, os.SCHED_BATCH, os.SCHED_BATCH),  # a policy the user chose is left alone
+    ],
+    ids=["default", "no-batch-primary", "shared", "user-batch"],
+)
+async def test_the_primary_gives_way_to_busy_workers_while_it_hands_over(
+    options: dict[str, Any], own_policy: int, primary_policy: int
+) -> None:
+    # --batch-primary: while the primary passes connections, the thread of its Trio loop
+    # (this test's) runs under SCHED_BATCH, whose wake-ups preempt no running worker.
+    # Workers, a respawned one too, run under the policy the primary had before; the
+    # primary gets that policy back when the herd stops.
+    os.sched_setscheduler(0, own_policy, os.sched_param(0))
+    try:
+        async with open_herd(app="apps.raw:whoami", workers=1, **options) as herd:
+            assert os.sched_getscheduler(0) == primary_policy
+            (first,) = herd.workers
+            assert os.sched_getscheduler(first.pid) == own_policy
+            os.kill(first.pid, signal.SIGKILL)
+            with trio.fail_after(30):
+                while not any(w.pid != first.pid and w.state == "ready" for w in herd.workers):
+                    await trio.sleep(0.05)
+            (second,) = (w for w in herd.workers if w.state == "ready")
+            assert os.sched_getscheduler(second.pid) == own_policy
+            assert await pid_of_new_connection(herd) == second.pid
+        assert os.sched_getscheduler(0) == own_policy
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def test_inherited_fd_listener(cli_herd: Any, tmp_path: Path) -> None:
     import socket
 

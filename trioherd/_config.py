@@ -344,6 +344,15 @@ class Config:
             "came (Linux TCP_DEFER_ACCEPT; a client that sends nothing waits about 1 s)",
         ),
     )
+    batch_primary: bool = attrs.field(
+        default=True,
+        metadata=_option(
+            "bool",
+            "while the primary hands connections over, its wake-ups do not preempt a busy "
+            "worker (Linux SCHED_BATCH for the primary alone): fewer context switches per "
+            "new connection",
+        ),
+    )
     proxy_protocol: bool = attrs.field(
         default=False,
         metadata=_option(

@@ -37,7 +37,7 @@ import socket
 import attrs
 import trio
 
-from . import _ipc
+from . import _ipc, _sched
 from ._config import Config
 from ._errors import IPCProtocolError
 from ._listeners import Listener, accept_fd, defer_accept, queued_connections
@@ -81,6 +81,7 @@ class Handoff:
     def __init__(self, listeners: list[Listener], config: Config) -> None:
         self.listeners = listeners
         self.shared = config.dispatch == "shared"
+        self._batch = config.batch_primary
         self._dispatcher: Dispatcher[WorkerProcess] = Dispatcher(
             config.dispatch, config.max_connections
         )
@@ -209,7 +210,7 @@ class Handoff:
             nursery.start_soon(self._watch)
             if not self.shared:
                 nursery.start_soon(self._settle_held)
-                with self._accept_scope:
+                with self._accept_scope, _sched.batched(self._batch):
                     async with trio.open_nursery() as accepting:
                         for index, listener in enumerate(self.listeners):
                             accepting.start_soon(self._accept_loop, index, listener)

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import trio
 
-from . import _ipc
+from . import _ipc, _sched
 from ._config import Config
 from ._errors import IPCProtocolError
 from ._events import HerdEvent
@@ -310,23 +310,25 @@ def worker_env() -> dict[str, str]:
 def _start_interpreter(
     channel_end: socket.socket, conns_end: socket.socket, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -c`` of the worker with its two channel ends inherited."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            _WORKER_COMMAND,
-            "--fd",
-            str(channel_end.fileno()),
-            "--conn-fd",
-            str(conns_end.fileno()),
-            "--ppid",
-            str(os.getpid()),
-        ],
-        pass_fds=[channel_end.fileno(), conns_end.fileno()],
-        start_new_session=True,
-        env=env,
-    )
+    """Start ``python -c`` of the worker with its two channel ends inherited (under the
+    scheduling policy the primary had before ``--batch-primary``)."""
+    with _sched.unbatched():
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WORKER_COMMAND,
+                "--fd",
+                str(channel_end.fileno()),
+                "--conn-fd",
+                str(conns_end.fileno()),
+                "--ppid",
+                str(os.getpid()),
+            ],
+            pass_fds=[channel_end.fileno(), conns_end.fileno()],
+            start_new_session=True,
+            env=env,
+        )
 
 
 def spawn(

@@ -130,6 +130,7 @@ SPECIAL: dict[str, tuple[list[str], object]] = {
     "max_header_size": (["1024"], 1024),
     "ws_per_message_deflate": (["false"], False),  # on by default: --no-ws-per-message-deflate
     "defer_accept": (["false"], False),  # on by default: --no-defer-accept
+    "batch_primary": (["false"], False),  # on by default: --no-batch-primary
 }
 NEEDS = {"keyfile": {"certfile": "c.pem"}, "client_cert": {"ca_certs": "ca.pem"}}
 
