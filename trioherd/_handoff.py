@@ -274,8 +274,7 @@ class Handoff:
                     await trio.sleep(OUT_OF_FDS_PAUSE)
                 elif not drained:  # a long burst: let the other tasks run between rounds
                     await trio.lowlevel.checkpoint()
-                # (drained: the wait for readability is the round's checkpoint, and a
-                # second pass through the scheduler per round cost the primary ~10 %)
+                # (drained: the wait for readability is the round's one checkpoint)
 
     def _accept_batch(
         self, sock: socket.socket, tcp: bool
