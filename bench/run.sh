@@ -8,8 +8,8 @@
 #   DURATION=2 SERVERS="trioherd bare" MODES="ka2" bash bench/run.sh
 #
 # Environment: DURATION (s per wrk run, 1..600), ROUNDS (1..50), SERVERS (subset of
-# "trioherd trioherd-h11 trioherd-shared hypercorn uvicorn bare granian uvicorn-httptools
-# gunicorn-asgi gunicorn24-asgi"), MODES (subset of "ka2 close2 pinned1"),
+# "trioherd trioherd-h11 trioherd-shared trioherd-nobatch hypercorn uvicorn bare granian
+# uvicorn-httptools gunicorn-asgi gunicorn24-asgi"), MODES (subset of "ka2 close2 pinned1"),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
 set -euo pipefail
@@ -36,7 +36,7 @@ is_int_in() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= $2 && $1 <= $3 )); }
 is_int_in "$DURATION" 1 600 || die "DURATION must be an integer number of seconds, 1..600"
 is_int_in "$ROUNDS" 1 50 || die "ROUNDS must be an integer, 1..50"
 for s in $SERVERS; do
-    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi|gunicorn24-asgi)$ ]] \
+    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|trioherd-nobatch|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi|gunicorn24-asgi)$ ]] \
         || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
@@ -241,6 +241,7 @@ setup_venv() {
 
 declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
     [trioherd-h11]="trioherd --http h11" [trioherd-shared]="trioherd --dispatch shared"
+    [trioherd-nobatch]="trioherd --no-batch-primary"
     [hypercorn]="hypercorn -k trio"
     [gunicorn-asgi]="gunicorn -k asgi (its Python parser, asyncio loop)"
     [gunicorn24-asgi]="gunicorn 24.0.0 -k asgi (issue 13's baseline, asyncio loop)"
@@ -256,6 +257,7 @@ server_cmd() {
             case $name in
                 trioherd-h11) extra=(--http h11) ;;
                 trioherd-shared) extra=(--dispatch shared) ;;
+                trioherd-nobatch) extra=(--no-batch-primary) ;;
             esac
             CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
                  "${extra[@]}" --bind "127.0.0.1:$port" --name "bench-$port") ;;
@@ -464,6 +466,7 @@ labels = {
     "trioherd": "trioherd (--http auto: httptools)",
     "trioherd-h11": "trioherd --http h11",
     "trioherd-shared": "trioherd --dispatch shared",
+    "trioherd-nobatch": "trioherd --no-batch-primary",
     "gunicorn-asgi": "gunicorn -k asgi (its Python parser, asyncio loop)",
     "gunicorn24-asgi": "gunicorn 24.0.0 -k asgi (issue 13's baseline, asyncio loop)",
     "hypercorn": "hypercorn -k trio",
