@@ -2,7 +2,7 @@
 
 While the primary dispatches connections (every policy but ``shared``), the thread that
 runs its Trio loop is put under Linux's ``SCHED_BATCH``: same CPU share, but its wake-ups
-do not preempt a running process. A connection that arrives while both CPUs run workers
+do not preempt a running process. A connection that arrives while every CPU runs a worker
 is then accepted when one of them is done with what it has (or at the next tick), with
 the others that came meanwhile, instead of pushing a worker off its CPU for one accept
 and one pass each. On an idle CPU it runs at once, as before. The measurements are in
