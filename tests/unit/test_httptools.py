@@ -135,10 +135,12 @@ def test_generated_heads_read_by_llhttp_are_read_the_same_by_h11(data: bytes) ->
 
 
 def test_the_generated_heads_reach_llhttp_often() -> None:
-    """The property above is not vacuous: plain heads are among those generated."""
+    """The property above is not vacuous: plain heads are among those generated. With a
+    fixed seed: from random ones the count ranged 10-49 of 300 and fell below 10 now and
+    then, a failure that said nothing about the code."""
     seen: list[bytes] = []
 
-    @settings(max_examples=300, deadline=None, database=None)
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
     @given(heads())
     def collect(data: bytes) -> None:
         if llhttp_reading(data) is not None:
