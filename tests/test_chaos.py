@@ -341,6 +341,76 @@ async def test_slowloris_crowd_beside_normal_clients(cli_herd: Any) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, old_limit)
 
 
+BURST = 1500  # connections opened at once, each reading its answer
+FIRE_AND_CLOSE = 3000  # connections that send a request and close without reading
+
+
+def fire_and_close(port: int, count: int) -> None:
+    """The issue's new user: ``count`` connections one after another, each sending a GET
+    and closing at once (blocking sockets; run in a thread)."""
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT) as sock:
+            sock.sendall(request_bytes("/", close=False))
+
+
+async def burst(port: int, count: int) -> list[str]:
+    """``count`` connections opened at once, each sending a GET and reading its answer
+    to the end; what went wrong, one line per connection that failed."""
+    errors: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(_burst_one, port, errors)
+    return errors
+
+
+async def _burst_one(port: int, errors: list[str]) -> None:
+    error = await get("127.0.0.1", port)
+    if error is not None:
+        errors.append(error)
+
+
+async def test_a_burst_of_connections_is_served_without_skipping_a_worker(
+    cli_herd: Any,
+) -> None:
+    """3,000 connections that send a request and close, then 1,500 opened at once that
+    each read their answer. Healthy workers keep up with a burst: each gets connections
+    as fast as it acknowledges them, none is ever skipped and nothing is taken back
+    (before, the primary passed 256 at once, took all of them back as "too many
+    unacknowledged" and skipped both workers until their next heartbeat, over and over:
+    a request after the 3,000 waited 5-30 s). A request right after each phase is
+    answered, every one of the 1,500 is, the workers are the same ones, and the primary
+    holds no more fds afterwards than before."""
+    old_limit = raise_fd_limit(BURST + 1024)
+    herd: CLIHerd = cli_herd(APP, "--workers", "2")
+    try:
+        herd.wait_ready()
+        port = herd.port
+        primary = herd.process.pid
+        assert await get("127.0.0.1", port) is None
+        workers = json.loads(herd.control("status", "--json").stdout)["workers"]
+        fds_before = fd_count(primary)
+
+        await trio.to_thread.run_sync(fire_and_close, port, FIRE_AND_CLOSE)
+        assert await get("127.0.0.1", port) is None  # (within REQUEST_TIMEOUT)
+        with trio.fail_after(60):
+            errors = await burst(port, BURST)
+        assert errors == [], f"{len(errors)} of {BURST} failed: {errors[:10]}"
+        assert await get("127.0.0.1", port) is None
+
+        log = herd.stderr
+        assert "skipping it" not in log and "recalled" not in log, log[-3000:]
+        after = json.loads(herd.control("status", "--json").stdout)["workers"]
+        assert [w["pid"] for w in after] == [w["pid"] for w in workers]
+        assert await trio.to_thread.run_sync(
+            wait_until, lambda: fd_count(primary) <= fds_before, 15
+        ), f"primary fds {fds_before} -> {fd_count(primary)}"
+        assert herd.stop() == 0
+    finally:
+        if herd.process.poll() is None:
+            herd.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, old_limit)
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

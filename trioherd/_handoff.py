@@ -20,21 +20,23 @@ The promise: **no accepted connection is lost**, whatever happens to a worker.
 - A worker that drains (stop, reload, recycle, scale-down, SIGTERM): the primary stops
   sending to it and queues an end marker behind its last batch; the worker serves
   everything before the marker, then stops reading.
-- A worker whose oldest unacknowledged batch is older than :data:`ACK_DEADLINE`, or whose
-  heartbeat is overdue, gets no new connections, and its queue is recalled and dispatched
-  elsewhere; it is given connections again once it is heard from.
+- Back-pressure (``_transit``): a worker holds at most a window of connections
+  unacknowledged and gets more as it acknowledges; one slow to acknowledge is paused (no
+  new connections, nothing taken back) until it does; one that makes no progress at all
+  for :data:`~trioherd._transit.ACK_DEADLINE`, or whose heartbeat is overdue, is stalled:
+  its queue is recalled and dispatched elsewhere, and it is readmitted as soon as it is
+  heard from. When no worker has room the primary stops accepting: new clients wait in the
+  kernel's accept queue.
 - Only when the herd stops and no worker can take a recalled connection any more is it
   closed (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import socket
 
-import attrs
 import trio
 
 from . import _ipc, _sched
@@ -43,16 +45,12 @@ from ._errors import IPCProtocolError
 from ._listeners import Listener, accept_fd, defer_accept, queued_connections
 from ._policy import Dispatcher
 from ._process import WorkerProcess
+from ._transit import WINDOW, Batch, Skip, Transit
 
 log = logging.getLogger("trioherd.primary")
 
 ACCEPT_BURST = 256  # accepts in a row before the batch is flushed
 OUT_OF_FDS_PAUSE = 0.05
-ACK_DEADLINE = 0.5
-"""Seconds a worker may leave a batch unacknowledged before it is skipped and its queue
-recalled."""
-MAX_UNACKED = 256
-"""Connections one worker may hold unacknowledged; past it, it is skipped."""
 WATCH_INTERVAL = 0.1
 SETTLE_INTERVAL = 0.005
 """While the primary holds copies of passed connections, it reads the tallies at least
@@ -60,19 +58,6 @@ this often and closes the copies of what was taken."""
 FULL_RECHECK = 0.005
 """While every worker is full, the primary looks at their tallies this often for a
 connection closed (closes send no message)."""
-
-
-@attrs.define(eq=False)
-class _Transit:
-    """A worker's batches in flight: sent, not acknowledged yet (oldest first)."""
-
-    batches: collections.deque[tuple[int, int, list[int], float]] = attrs.Factory(
-        collections.deque
-    )  # (seq, listener, fds, sent at)
-    next_seq: int = 1
-    fds: int = 0
-    congested: bool = False  # skipped until heard from
-    finished: bool = False  # the end marker is queued: no more batches
 
 
 class Handoff:
@@ -83,9 +68,9 @@ class Handoff:
         self.shared = config.dispatch == "shared"
         self._batch = config.batch_primary
         self._dispatcher: Dispatcher[WorkerProcess] = Dispatcher(
-            config.dispatch, config.max_connections
+            config.dispatch, config.max_connections, WINDOW
         )
-        self._transit: dict[WorkerProcess, _Transit] = {}
+        self._transit: dict[WorkerProcess, Transit] = {}
         self._beat_overdue = max(1.0, 3 * min(1.0, config.worker_timeout / 4))
         self._capacity = trio.Event()
         self._holding = trio.Event()  # set while copies of passed connections are held
@@ -93,6 +78,8 @@ class Handoff:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._deferring = False
+        self._moving = 0
+        """Connections waiting in ``_redispatch`` for a worker: they go before new ones."""
         self.moved = 0
         """Connections taken back from a worker (slow, hung, dead) and passed to another."""
         self.dropped = 0
@@ -103,10 +90,11 @@ class Handoff:
 
     def admit(self, worker: WorkerProcess) -> None:
         """``worker`` is ready: give it connections."""
-        transit = self._transit.setdefault(worker, _Transit())
+        transit = self._transit.setdefault(worker, Transit())
         if transit.finished:
             return
-        transit.congested = False
+        transit.skip = None
+        transit.progress_at = trio.current_time()  # a wait for progress starts anew
         self._dispatcher.add(worker)
         self.signal_capacity()
 
@@ -119,7 +107,7 @@ class Handoff:
         """``worker`` drains: no more connections; it serves what is queued for it, and
         the end marker behind that tells it when it has it all."""
         self._dispatcher.remove(worker)
-        transit = self._transit.setdefault(worker, _Transit())
+        transit = self._transit.setdefault(worker, Transit())
         if not transit.finished:
             transit.finished = True
             self._send_end(worker)
@@ -128,31 +116,54 @@ class Handoff:
         return worker in self._dispatcher
 
     def settle(self) -> None:
-        """Read every tally: close the copies of the batches workers acknowledged."""
-        for worker, transit in self._transit.items():
+        """Read every tally: close the copies of the batches workers acknowledged, and
+        pause or stall the workers that fall behind (``_transit``)."""
+        now = trio.current_time()
+        for worker, transit in list(self._transit.items()):
             if transit.batches:
-                self._settle(worker, transit)
+                self._settle(worker, transit, now)
 
-    def _settle(self, worker: WorkerProcess, transit: _Transit) -> None:
-        """``worker`` acknowledged every batch up to its tally's ``taken``: they are its
-        own now, and the primary's copies are closed."""
-        taken = worker.tally.taken
-        batches = transit.batches
-        if batches and batches[0][0] <= taken:
-            while batches and batches[0][0] <= taken:
-                _, _, fds, _ = batches.popleft()
-                transit.fds -= len(fds)
-                _ipc.close_fds(fds)
-            if transit.congested:
+    def _settle(self, worker: WorkerProcess, transit: Transit, now: float) -> None:
+        """Take in ``worker``'s acknowledgements, then judge its progress."""
+        if self._acknowledged(worker, transit, now):
+            if transit.skip is not None:
                 self.heard_from(worker)
+            elif self._moving:  # room for the connections waiting to be moved
+                self.signal_capacity()
+            return
+        verdict = transit.verdict(now)
+        if verdict is Skip.STALLED and (not transit.finished or self._dispatcher.has_room()):
+            # (a draining worker serves its queue within its grace unless another can)
+            self._skip(worker, transit, Skip.STALLED, "acknowledges no connections")
+        elif verdict is Skip.PAUSED and transit.skip is None and worker in self._dispatcher:
+            self._skip(worker, transit, Skip.PAUSED, "is slow to acknowledge")
+
+    @staticmethod
+    def _acknowledged(worker: WorkerProcess, transit: Transit, now: float) -> bool:
+        """``worker`` acknowledged every batch up to its tally's ``taken``: they are its
+        own now, and the primary's copies are closed. True if there were any."""
+        done = transit.acknowledge(worker.tally.taken, now)
+        for batch in done:
+            worker.unacknowledged -= len(batch.fds)
+            _ipc.close_fds(batch.fds)
+        return bool(done)
 
     def heard_from(self, worker: WorkerProcess) -> None:
-        """``worker``'s loop runs (it acknowledged, or a heartbeat came): if it was
-        skipped as congested, give it connections again."""
+        """``worker``'s loop runs (it acknowledged, its tally moved, or a heartbeat came):
+        if it was skipped for falling behind, give it connections again. A heartbeat does
+        not end a pause: only an acknowledgement does."""
         transit = self._transit.get(worker)
-        if transit is not None and transit.congested and self._admissible(worker):
+        if transit is None or transit.skip is None or not self._admissible(worker):
+            return
+        if (
+            transit.skip is Skip.PAUSED
+            and transit.batches
+            and transit.verdict(trio.current_time())
+        ):
+            return
+        if transit.skip is Skip.STALLED:
             log.info("worker %d (pid %d) keeps up again", worker.id, worker.pid)
-            self.admit(worker)
+        self.admit(worker)
 
     def disowned(self, worker: WorkerProcess) -> None:
         """``worker`` can no longer be trusted (it sent a malformed message), so its tally
@@ -164,10 +175,9 @@ class Handoff:
             return
         transit.finished = True  # never admitted again
         self._recall(worker, transit, restore_end=False)
-        for _, _, fds, _ in transit.batches:
-            _ipc.close_fds(fds)
-        transit.batches.clear()
-        transit.fds = 0
+        for batch in transit.take_all():
+            _ipc.close_fds(batch.fds)
+        worker.unacknowledged = 0
 
     def gone(self, worker: WorkerProcess) -> None:
         """``worker`` exited: every connection it did not acknowledge goes to another
@@ -175,16 +185,13 @@ class Handoff:
         self._dispatcher.remove(worker)
         transit = self._transit.pop(worker, None)
         if transit is not None:
-            self._settle(worker, transit)  # its last marks: every store of it is visible
+            # its last marks first: every store of it is visible now
+            self._acknowledged(worker, transit, trio.current_time())
             self._recall(worker, transit, restore_end=False)
-            lost = list(transit.batches)
-            transit.batches.clear()
-            for _, listener, fds, _ in lost:
-                worker.dispatched -= len(fds)
-                self.moved += len(fds)
-                self._dispatch_later(fds, listener)
+            lost = transit.take_all()
+            self._move(worker, lost)
             if lost:
-                count = sum(len(fds) for _, _, fds, _ in lost)
+                count = sum(len(batch.fds) for batch in lost)
                 log.info(
                     "%d connections worker %d never took go to other workers", count, worker.id
                 )
@@ -247,20 +254,33 @@ class Handoff:
             self._nursery.start_soon(self._redispatch, fds, listener)
         except (AssertionError, RuntimeError):
             _ipc.close_fds(fds)
+        else:
+            self._moving += len(fds)
+
+    def _move(self, worker: WorkerProcess, batches: list[Batch]) -> None:
+        """Batches taken from ``worker`` (recalled, or never taken before it exited) go
+        to other workers."""
+        for batch in batches:
+            count = len(batch.fds)
+            worker.unacknowledged -= count
+            worker.dispatched -= count
+            self.moved += count
+            self._dispatch_later(batch.fds, batch.listener)
 
     # -- accepting ---------------------------------------------------------------------
 
     async def _accept_loop(self, index: int, listener: Listener) -> None:
         """Accept raw fds until EAGAIN (on TCP, as many as the kernel says wait) and pass
-        them on in batches; stop accepting while every worker is full, so that the kernel
-        backlog, not our memory, holds clients."""
+        them on in batches; stop accepting while every worker is full, or connections
+        taken back from a worker still wait for another, so that the kernel backlog, not
+        our memory, holds new clients."""
         sock = listener.sock
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         while True:
             await trio.lowlevel.wait_readable(sock)
             drained = False
             while not drained:
-                if not self._dispatcher.has_room():
+                if self._moving or not self._dispatcher.has_room():
                     await self._wait_for_room()
                     continue
                 if self._closing:  # closed while this task was already on its way back
@@ -282,7 +302,8 @@ class Handoff:
         """Accept what is waiting, each fd assigned to the dispatcher's choice:
         (fds by worker, fds no worker could take, drained, pause). On TCP the kernel
         says how many wait: take those, and leave the rest to the next readiness,
-        instead of an accept() that only says EAGAIN."""
+        instead of an accept() that only says EAGAIN. Each fd counts against its
+        worker's window as soon as it is assigned."""
         pick = self._dispatcher.pick
         batches: dict[WorkerProcess, list[int]] = {}
         overflow: list[int] = []
@@ -298,6 +319,7 @@ class Handoff:
                 overflow.append(fd)
                 break
             worker.dispatched += 1
+            worker.unacknowledged += 1
             fds = batches.setdefault(worker, [])
             fds.append(fd)
             if len(fds) == _ipc.MAX_FDS:  # a full packet: flush, then accept more
@@ -313,7 +335,6 @@ class Handoff:
         own (outside the accept scope: a stop must not cancel it into a closed fd)."""
         for worker, fds in batches.items():
             if not self._pass(worker, fds, index):
-                worker.dispatched -= len(fds)
                 self._dispatch_later(fds, index)
         if overflow:
             self._dispatch_later(overflow, index)
@@ -321,40 +342,45 @@ class Handoff:
     # -- passing -----------------------------------------------------------------------
 
     def _pass(self, worker: WorkerProcess, fds: list[int], index: int) -> bool:
-        """Pass fds at once if ``worker`` is still admitted and its channel has room; the
-        primary keeps its copies until the worker acknowledges them. Else take the worker
-        out of dispatch (for now, or for good if its channel is broken): False."""
+        """Pass fds (already counted against ``worker``) at once if it is still admitted
+        and its channel has room; the primary keeps its copies until the worker
+        acknowledges them. Else uncount them and, if its channel is full or broken, take
+        the worker out of dispatch: False."""
         transit = self._transit.get(worker)
-        if transit is None or worker not in self._dispatcher:
-            return False  # withdrawn since it was picked (a stale batch)
-        if transit.fds + len(fds) > MAX_UNACKED:
-            self._settle(worker, transit)
-        if transit.fds + len(fds) > MAX_UNACKED:
-            self._congested(worker, transit, "holds too many connections unacknowledged")
+        sent = False
+        if transit is not None and worker in self._dispatcher:
+            try:
+                sent = worker.conns.offer(_ipc.encode_conn(index, transit.next_seq), fds)
+            except (_ipc.ChannelClosed, OSError) as exc:
+                log.warning(
+                    "could not pass %d connections to worker %d: %s", len(fds), worker.id, exc
+                )
+                self._dispatcher.remove(worker)
+            else:
+                if not sent:  # its channel is full: it reads nothing, whatever its tally says
+                    self._skip(worker, transit, Skip.PAUSED, "is not reading its channel")
+        if not sent:  # (not admitted any more: a stale batch)
+            worker.dispatched -= len(fds)
+            worker.unacknowledged -= len(fds)
             return False
-        seq = transit.next_seq
-        try:
-            sent = worker.conns.offer(_ipc.encode_conn(index, seq), fds)
-        except (_ipc.ChannelClosed, OSError) as exc:
-            log.warning("could not pass %d connections to worker %d: %s", len(fds), worker.id, exc)
-            self._dispatcher.remove(worker)
-            return False
-        if not sent:
-            self._congested(worker, transit, "is not reading its channel")
-            return False
-        transit.next_seq = seq + 1
-        transit.batches.append((seq, index, fds, trio.current_time()))
-        transit.fds += len(fds)
+        assert transit is not None
+        transit.sent(index, fds, trio.current_time())
         self._holding.set()
         return True
 
-    def _congested(self, worker: WorkerProcess, transit: _Transit, why: str) -> None:
-        """Skip ``worker`` until it is heard from, and move what it has not taken yet."""
-        if not transit.congested:
-            log.warning("worker %d (pid %d) %s; skipping it", worker.id, worker.pid, why)
-        transit.congested = True
+    def _skip(self, worker: WorkerProcess, transit: Transit, skip: Skip, why: str) -> None:
+        """No new connections for ``worker`` until it catches up; a stalled one's queue
+        is taken back and moved to other workers."""
+        if skip is Skip.STALLED:
+            if transit.skip is not Skip.STALLED:
+                log.warning("worker %d (pid %d) %s; skipping it", worker.id, worker.pid, why)
+                tally = worker.tally
+                transit.activity = (tally.opened, tally.closed)
+            self._recall(worker, transit)
+        else:
+            log.debug("worker %d (pid %d) %s; pausing it", worker.id, worker.pid, why)
+        transit.skip = skip
         self._dispatcher.remove(worker)
-        self._recall(worker, transit)
 
     def _admissible(self, worker: WorkerProcess) -> bool:
         return worker.state == "ready" and worker.slot.active and not self._closing
@@ -373,16 +399,16 @@ class Handoff:
                     await self._wait_for_room()
                     continue
                 worker.dispatched += len(fds)
+                worker.unacknowledged += len(fds)
                 handed = self._pass(worker, fds, index)
-                if not handed:
-                    worker.dispatched -= len(fds)
         finally:
+            self._moving -= len(fds)
             if not handed:
                 _ipc.close_fds(fds)
 
     # -- taking back what a worker has not taken -------------------------------------
 
-    def _recall(self, worker: WorkerProcess, transit: _Transit, restore_end: bool = True) -> None:
+    def _recall(self, worker: WorkerProcess, transit: Transit, restore_end: bool = True) -> None:
         """Take every packet still queued for ``worker`` out of its channel and dispatch
         the batches again; put the end marker back if it was among them."""
         recalled: set[int] = set()
@@ -402,14 +428,7 @@ class Handoff:
             else:
                 recalled.add(seq)
         if recalled:
-            kept = collections.deque(b for b in transit.batches if b[0] not in recalled)
-            for seq, listener, fds, _ in transit.batches:
-                if seq in recalled:
-                    transit.fds -= len(fds)
-                    worker.dispatched -= len(fds)
-                    self.moved += len(fds)
-                    self._dispatch_later(fds, listener)
-            transit.batches = kept
+            self._move(worker, transit.take_back(recalled))
             log.info("recalled %d batches from worker %d", len(recalled), worker.id)
         if end and restore_end:
             self._send_end(worker)
@@ -430,15 +449,17 @@ class Handoff:
             await conns.send(marker)
 
     async def _wait_for_room(self) -> None:
-        """Until a worker may have room: one was admitted or went away, or, as a close
-        sends no message, the next look at the tallies."""
+        """Until a worker may have room: one was admitted or went away, or, as neither a
+        close nor an acknowledgement sends a message, the next look at the tallies."""
         with trio.move_on_after(FULL_RECHECK):
             await self._capacity.wait()
+        self.settle()
 
     async def _settle_held(self) -> None:
         """While copies of passed connections are held, settle every SETTLE_INTERVAL: a
-        worker's close ends its connection at once only when the primary's copy is gone
-        (the accept loop settles after every burst; this is for a quiet herd)."""
+        worker's close ends its connection at once only when the primary's copy is gone,
+        and a worker that falls behind is paused or stalled in time (the accept loop
+        settles after every burst; this is for a quiet herd)."""
         while True:
             if not any(transit.batches for transit in self._transit.values()):
                 self._holding = trio.Event()
@@ -447,19 +468,16 @@ class Handoff:
             self.settle()
 
     async def _watch(self) -> None:
-        """Skip workers that leave a batch unacknowledged past ACK_DEADLINE or whose
-        heartbeat is overdue, and recall what they have not taken."""
+        """Stall workers whose heartbeat is overdue, and readmit stalled ones whose tally
+        moved (they opened or closed a connection: their loop runs again)."""
         while True:
             await trio.sleep(WATCH_INTERVAL)
             self.settle()
             now = trio.current_time()
-            anyone = self._dispatcher.has_room()
             for worker, transit in list(self._transit.items()):
-                if transit.finished and not anyone:
-                    continue  # a draining worker serves its queue within its grace
-                late = bool(transit.batches) and now - transit.batches[0][3] > ACK_DEADLINE
-                silent = now - worker.last_seen > self._beat_overdue and worker in self._dispatcher
-                if late:
-                    self._congested(worker, transit, "acknowledges no connections")
-                elif silent:
-                    self._congested(worker, transit, "sends no heartbeat")
+                if transit.skip is Skip.STALLED:
+                    tally = worker.tally
+                    if (tally.opened, tally.closed) != transit.activity:
+                        self.heard_from(worker)
+                elif now - worker.last_seen > self._beat_overdue and worker in self._dispatcher:
+                    self._skip(worker, transit, Skip.STALLED, "sends no heartbeat")

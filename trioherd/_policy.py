@@ -18,6 +18,9 @@ class Loaded(Protocol):
     @property
     def open_connections(self) -> int: ...
 
+    @property
+    def unacknowledged(self) -> int: ...
+
 
 W = TypeVar("W", bound=Loaded)
 
@@ -27,13 +30,15 @@ class Dispatcher(Generic[W]):
 
     ``round-robin``: the next worker in turn (Node's SCHED_RR). ``least-busy``: the worker
     with the fewest open connections, ties broken by turn. Either way a worker holding
-    ``limit`` open connections is skipped; :meth:`pick` returns None when all are full,
-    and the caller stops accepting until one has room.
+    ``limit`` open connections, or ``window`` connections it has not acknowledged yet, is
+    skipped; :meth:`pick` returns None when all are full, and the caller stops accepting
+    until one has room.
     """
 
-    def __init__(self, policy: str, limit: int) -> None:
+    def __init__(self, policy: str, limit: int, window: int) -> None:
         self.policy = policy
         self.limit = limit
+        self.window = window
         self._workers: list[W] = []
         self._turn = 0
 
@@ -56,28 +61,31 @@ class Dispatcher(Generic[W]):
             self._turn = 0
 
     def has_room(self) -> bool:
-        return any(worker.open_connections < self.limit for worker in self._workers)
+        limit, window = self.limit, self.window
+        return any(w.open_connections < limit and w.unacknowledged < window for w in self._workers)
 
     def pick(self) -> W | None:
         workers = self._workers
         count = len(workers)
         if not count:
             return None
-        limit = self.limit
+        limit, window = self.limit, self.window
         start = self._turn % count
         chosen = -1
         if self.policy == "least-busy":
             best = limit
             for step in range(count):
                 index = (start + step) % count
-                load = workers[index].open_connections
-                if load < best:
+                worker = workers[index]
+                load = worker.open_connections
+                if load < best and worker.unacknowledged < window:
                     best = load
                     chosen = index
         else:
             for step in range(count):
                 index = (start + step) % count
-                if workers[index].open_connections < limit:
+                worker = workers[index]
+                if worker.open_connections < limit and worker.unacknowledged < window:
                     chosen = index
                     break
         if chosen < 0:

@@ -76,6 +76,9 @@ class WorkerProcess:
     started_at: float = attrs.field(factory=time.monotonic)
     ready_at: float | None = None
     dispatched: int = 0  # written by the hand-off only
+    unacknowledged: int = 0
+    """Connections passed (or about to be) that the worker has not acknowledged yet;
+    written by the hand-off only."""
     stats: dict[str, Any] = attrs.Factory(dict)
     last_seen: float = 0.0
     requested_disconnect: bool = False

@@ -23,11 +23,12 @@ from trioherd._policy import (
 class FakeWorker:
     name: str
     open_connections: int = 0
+    unacknowledged: int = 0
 
 
 def test_round_robin_takes_turns_and_skips_full_workers() -> None:
     workers = [FakeWorker(n) for n in "abc"]
-    dispatcher: Dispatcher[FakeWorker] = Dispatcher("round-robin", limit=2)
+    dispatcher: Dispatcher[FakeWorker] = Dispatcher("round-robin", limit=2, window=4)
     for worker in workers:
         dispatcher.add(worker)
     assert [dispatcher.pick().name for _ in range(6)] == list("abcabc")  # type: ignore[union-attr]
@@ -41,7 +42,7 @@ def test_round_robin_takes_turns_and_skips_full_workers() -> None:
 
 def test_least_busy_prefers_the_emptiest_and_breaks_ties_by_turn() -> None:
     workers = [FakeWorker(n, load) for n, load in zip("abc", (5, 1, 1), strict=True)]
-    dispatcher: Dispatcher[FakeWorker] = Dispatcher("least-busy", limit=10)
+    dispatcher: Dispatcher[FakeWorker] = Dispatcher("least-busy", limit=10, window=4)
     for worker in workers:
         dispatcher.add(worker)
     first = dispatcher.pick()
@@ -61,7 +62,7 @@ def test_least_busy_prefers_the_emptiest_and_breaks_ties_by_turn() -> None:
 
 def test_removing_a_worker_keeps_the_turn_fair() -> None:
     workers = [FakeWorker(n) for n in "abcd"]
-    dispatcher: Dispatcher[FakeWorker] = Dispatcher("round-robin", limit=5)
+    dispatcher: Dispatcher[FakeWorker] = Dispatcher("round-robin", limit=5, window=4)
     for worker in workers:
         dispatcher.add(worker)
     assert dispatcher.pick() is workers[0]
