@@ -213,12 +213,13 @@ async def test_a_body_that_stops_coming_gets_408_and_close_within_the_head_timeo
 @pytest.mark.parametrize(
     ("app", "options", "deferred"),
     [
-        ("apps.http_apps:native", {}, True),
-        ("apps.http_apps:native", {"defer_accept": False}, False),
-        ("apps.http_apps:native", {"dispatch": "shared"}, True),
-        ("apps.raw:hold_pid", {}, False),  # a stream app may speak first: never deferred
+        ("apps.http_apps:native", {"defer_accept": True}, True),
+        ("apps.http_apps:native", {}, False),  # off by default
+        ("apps.http_apps:native", {"dispatch": "shared", "defer_accept": True}, True),
+        # a stream app may speak first: never deferred
+        ("apps.raw:hold_pid", {"defer_accept": True}, False),
     ],
-    ids=["http", "no-defer-accept", "shared", "stream-app"],
+    ids=["defer-accept", "default", "shared", "stream-app"],
 )
 async def test_a_connection_is_handed_over_once_its_request_came(
     app: str, options: dict[str, Any], deferred: bool

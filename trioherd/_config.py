@@ -337,11 +337,13 @@ class Config:
         ),
     )
     defer_accept: bool = attrs.field(
-        default=True,
+        default=False,
         metadata=_option(
             "bool",
             "serving HTTP on TCP, the kernel hands over a connection once its first bytes "
-            "came (Linux TCP_DEFER_ACCEPT; a client that sends nothing waits about 1 s)",
+            "came (Linux TCP_DEFER_ACCEPT; a client that sends nothing waits about 1 s). "
+            "Off by default: under a flood past the accept queue Linux holds a deferred "
+            "client's request back for seconds and the connection may time out unanswered",
         ),
     )
     batch_primary: bool = attrs.field(

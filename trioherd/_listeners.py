@@ -19,7 +19,12 @@ from ._errors import ConfigError
 
 log = logging.getLogger("trioherd.accept")
 
-BACKLOG = 2048
+BACKLOG = 65535
+"""The listen backlog asked for; Linux caps it at ``net.core.somaxconn`` (4096 on current
+kernels). As deep an accept queue as the system allows: a burst of new connections waits
+there, served in turn, where a shallow one makes clients retry their SYN a second or
+three later (10,000 connections at once: the last answered after 2-3 s with 2048,
+0.5-2 s with 4096; docs/reliability.md)."""
 SD_LISTEN_FDS_START = 3
 
 

@@ -129,7 +129,6 @@ SPECIAL: dict[str, tuple[list[str], object]] = {
     "forwarded_allow_ips": (["10.0.0.0/8,::1"], "10.0.0.0/8,::1"),
     "max_header_size": (["1024"], 1024),
     "ws_per_message_deflate": (["false"], False),  # on by default: --no-ws-per-message-deflate
-    "defer_accept": (["false"], False),  # on by default: --no-defer-accept
     "batch_primary": (["false"], False),  # on by default: --no-batch-primary
 }
 NEEDS = {"keyfile": {"certfile": "c.pem"}, "client_cert": {"ca_certs": "ca.pem"}}
