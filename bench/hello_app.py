@@ -1,12 +1,14 @@
 """The benchmark app: a 13-byte "Hello, World!" ASGI 3 application.
 
 Every server in bench/run.sh serves this same app (except the bare trio + h11
-reference loop, which writes the same bytes without ASGI). It awaits nothing but
+reference loop, which writes the same bytes without ASGI); ``/block?s=N`` blocks the
+serving worker's loop (bench/reliability.py). It awaits nothing but
 ``receive``/``send``, so it runs unchanged on Trio and on asyncio.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,11 @@ assert len(BODY) == 13
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     kind = scope["type"]
     if kind == "http":
+        if scope["path"] == "/block":  # bench/reliability.py's "blocked" experiment:
+            # this worker's loop blocks for s seconds (at most 120), as a careless
+            # handler's blocking call would
+            seconds = float(scope["query_string"].decode().partition("s=")[2] or 0)
+            time.sleep(min(seconds, 120.0))
         # A fresh headers list per response: a server may extend it in place.
         await send(
             {

@@ -76,6 +76,13 @@ if (cluster.isPrimary) {
   process.on("SIGINT", stop);
 } else {
   const server = http.createServer((req, res) => {
+    // /block?s=N blocks this worker's loop for N seconds (bench/reliability.py's
+    // "blocked" experiment), as time.sleep does in bench/hello_app.py
+    const blocked = /^\/block\?s=([0-9.]+)$/.exec(req.url);
+    if (blocked) {
+      const until = Date.now() + Math.min(Number(blocked[1]), 120) * 1000;
+      while (Date.now() < until);
+    }
     res.writeHead(200, { "content-type": "text/plain", "content-length": "13" });
     res.end(BODY);
   });

@@ -15,7 +15,13 @@ Experiments (each on a freshly started server, under load for DURATION seconds):
 - reload:    SIGHUP the server's top process three times (a rolling restart where the
              server has one; "n/a" where it has none);
 - slowloris: CROWD sockets held open beside the load (half trickle a request head one
-             byte per 0.5 s, half send nothing; reconnected when the server cuts them).
+             byte per 0.5 s, half send nothing; reconnected when the server cuts them);
+- blocked:   one worker's event loop blocked (``GET /block``: a ``time.sleep`` in the app)
+             for the whole load: what the load's new connections pay for it;
+- burst:     no load: for each N of BURST (default 1500 3000 10000), N connections opened
+             at once, each sending a GET and reading its answer, and the time until the
+             last is answered; then FIRE connections (3000) that send a GET and close
+             at once, one after another, and how long a GET right after waits.
 
 Only workers at least one second old are killed or SIGTERMed (a worker that is still
 booting is not serving yet, and a trioherd worker that dies before it is ready counts
@@ -26,9 +32,10 @@ a request fails if it errs, times out (REQUEST_TIMEOUT), or is not a 200 with th
 answer (column "recovered").
 
 Environment: DURATION (s per experiment, 1..600, default 10), CLIENTS (1..64, 4),
-CROWD (0..20000, 1000), REQUEST_TIMEOUT (s, 10), SERVERS (subset of
-"trioherd gunicorn uvicorn node"), EXPERIMENTS (subset of
-"sigkill sigterm reload slowloris"), BENCH_VENV (venv to create or reuse, default
+CROWD (0..20000, 1000), REQUEST_TIMEOUT (s, 10), BURST (sizes, default "1500 3000
+10000"), FIRE (0..20000, 3000), SERVERS (subset of
+"trioherd trioherd-shared gunicorn uvicorn node"), EXPERIMENTS (subset of
+"sigkill sigterm reload slowloris blocked burst"), BENCH_VENV (venv to create or reuse, default
 /tmp/trioherd-bench-venv, as bench/run.sh), BENCH_REINSTALL=1 (pip install again),
 BENCH_LOGDIR (server logs; default a new /tmp/trioherd-reliability.XXXXXX), RESULTS
 (where the markdown report is written too, default BENCH_LOGDIR/reliability.md), SEED
@@ -45,6 +52,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -67,10 +75,11 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 RECOVER_TIMEOUT = 15.0
 MIN_WORKER_AGE = 1.0  # seconds: younger workers are not killed or SIGTERMed
-ALL_SERVERS = ("trioherd", "gunicorn", "uvicorn", "node")
-ALL_EXPERIMENTS = ("sigkill", "sigterm", "reload", "slowloris")
+ALL_SERVERS = ("trioherd", "trioherd-shared", "gunicorn", "uvicorn", "node")
+ALL_EXPERIMENTS = ("sigkill", "sigterm", "reload", "slowloris", "blocked", "burst")
 LABELS = {
     "trioherd": "trioherd",
+    "trioherd-shared": "trioherd --dispatch shared",
     "gunicorn": "gunicorn -k uvicorn.workers.UvicornWorker",
     "uvicorn": "uvicorn --workers",
     "node": "node cluster (bench/node_cluster.js)",
@@ -80,6 +89,8 @@ TITLES = {
     "sigterm": "SIGTERM a random worker five times",
     "reload": "three rolling reloads (SIGHUP to the top process)",
     "slowloris": "a slowloris crowd beside the load",
+    "blocked": "one worker's loop blocked (time.sleep in the app) beside the load",
+    "burst": "connections opened all at once, no other load",
 }
 
 
@@ -98,6 +109,17 @@ def env_number(name: str, default: float, low: float, high: float) -> float:
     return value
 
 
+def env_sizes(name: str, default: str) -> list[int]:
+    text = os.environ.get(name) or default
+    try:
+        sizes = [int(word) for word in text.split()]
+    except ValueError:
+        sys.exit(f"{name} must be whole numbers, got {text!r}")
+    if not sizes or not all(1 <= size <= 20000 for size in sizes):
+        sys.exit(f"{name} must be 1..20000 each, got {text!r}")
+    return sizes
+
+
 def env_words(name: str, allowed: tuple[str, ...]) -> list[str]:
     words = os.environ.get(name, "").split() or list(allowed)
     for word in words:
@@ -111,6 +133,8 @@ class Settings:
     duration: float = field(default_factory=lambda: env_number("DURATION", 10, 1, 600))
     clients: int = field(default_factory=lambda: int(env_number("CLIENTS", 4, 1, 64)))
     crowd: int = field(default_factory=lambda: int(env_number("CROWD", 1000, 0, 20000)))
+    bursts: list[int] = field(default_factory=lambda: env_sizes("BURST", "1500 3000 10000"))
+    fire: int = field(default_factory=lambda: int(env_number("FIRE", 3000, 0, 20000)))
     request_timeout: float = field(
         default_factory=lambda: env_number("REQUEST_TIMEOUT", 10, 0.1, 120)
     )
@@ -276,13 +300,15 @@ def make_server(name: str, settings: Settings, python: str, run: int) -> Server 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT)
     logfile = settings.logdir / f"{run:02d}-{name}.log"
-    if name == "trioherd":
+    if name.startswith("trioherd"):
         runtime = settings.logdir / "runtime"
         runtime.mkdir(mode=0o700, exist_ok=True)
         env["XDG_RUNTIME_DIR"] = str(runtime)
         command = [python, "-m", "trioherd", "serve", "bench.hello_app:app"]
         command += ["--workers", str(WORKERS), "--bind", f"127.0.0.1:{port}"]
         command += ["--name", f"reliability-{os.getpid()}-{run}", "--log-level", "warning"]
+        if name == "trioherd-shared":
+            command += ["--dispatch", "shared"]
         return Server(name, command, port, logfile, env, None)
     if name == "gunicorn":
         if not module_available(python, "gunicorn") or not module_available(
@@ -368,7 +394,8 @@ def setup_venv(settings: Settings) -> tuple[str, list[str]]:
         peers.append("uvicorn")
     for peer in dict.fromkeys(peers):
         if reinstall or not module_available(python, peer):
-            pip(peer, what=peer)
+            # uvicorn as its users run it: with uvloop and httptools
+            pip("uvicorn[standard]" if peer == "uvicorn" else peer, what=peer)
             _available.pop((python, peer), None)
             _available.pop((python, "uvicorn.workers"), None)
     return python, notes
@@ -478,6 +505,74 @@ class Load:
 TRICKLE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"x-pad: 1\r\n" * 2000
 
 
+def burst(port: int, count: int, timeout: float) -> tuple[int, float]:
+    """``count`` connections opened at once (non-blocking, one thread), each sending
+    ``REQUEST`` and reading its answer to EOF: (answered with the 13-byte 200, seconds
+    until the last of them was). Bounded by ``timeout`` in all."""
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, bytearray] = {}
+    started = time.perf_counter()
+    answered = 0
+    last = 0.0
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            pending[sock] = bytearray()
+            sel.register(sock, selectors.EVENT_WRITE)
+        deadline = started + timeout
+        while pending and time.perf_counter() < deadline:
+            for key, events in sel.select(0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if events & selectors.EVENT_WRITE:
+                    try:
+                        sock.send(REQUEST)
+                        sel.modify(sock, selectors.EVENT_READ)
+                        continue
+                    except OSError:
+                        chunk = None
+                else:
+                    try:
+                        chunk = sock.recv(65536)
+                    except OSError:
+                        chunk = None
+                    if chunk:
+                        pending[sock] += chunk
+                        continue
+                if chunk == b"" and pending[sock].endswith(b"\r\n\r\n" + HELLO):
+                    answered += 1
+                    last = time.perf_counter() - started
+                sel.unregister(sock)
+                sock.close()
+                del pending[sock]
+    finally:
+        for sock in pending:
+            sock.close()
+        sel.close()
+    return answered, last
+
+
+def fire_and_close(port: int, count: int, timeout: float) -> tuple[int, float]:
+    """``count`` connections one after another, each sending a GET and closing at once;
+    then one GET: (connections made, seconds until that GET was answered, or -1)."""
+    made = 0
+    for _ in range(count):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+                sock.sendall(REQUEST)
+                made += 1
+        except OSError:
+            pass
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        ok, _, _ = one_request(port, timeout)
+        if ok:
+            return made, time.perf_counter() - started
+    return made, -1.0
+
+
 class Crowd:
     """``size`` slowloris sockets in one thread: even ones trickle a request head one
     byte per 0.5 s, odd ones send nothing; a socket the server closes is reconnected."""
@@ -575,6 +670,8 @@ class Row:
     events: str = ""
     recovered: str = ""
     notes: str = ""
+    bursts: dict[int, tuple[int, float]] = field(default_factory=dict)
+    fired: tuple[int, float] = (0, 0.0)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -622,7 +719,15 @@ def run_experiment(experiment: str, server: Server, settings: Settings, rng: ran
     duration = settings.duration
     crowd = None
     load = None
+    blocker = None
     try:
+        if experiment == "burst":
+            run_bursts(row, server, settings)
+            return row
+        if experiment == "blocked":
+            blocker = Blocker(server.port, duration + 3)
+            time.sleep(0.5)  # a worker takes it and blocks
+            row.events = f"one worker blocked for {duration + 3:g} s"
         if experiment == "slowloris" and settings.crowd:
             crowd = Crowd(server.port, settings.crowd)
             crowd.start()
@@ -677,10 +782,35 @@ def run_experiment(experiment: str, server: Server, settings: Settings, rng: ran
         if crowd is not None:
             crowd.stop()
         server.stop()
-    if server.exit_code not in (0, None):
-        server.notes.append(f"exit code {server.exit_code} after SIGTERM")
-    row.notes = "; ".join(server.notes)
+        if blocker is not None:
+            blocker.close()
+        if server.exit_code not in (0, None):
+            server.notes.append(f"exit code {server.exit_code} after SIGTERM")
+        row.notes = "; ".join(server.notes)
     return row
+
+
+class Blocker:
+    """``GET /block?s=SECONDS`` on a connection of its own: the worker that takes it
+    blocks its loop (bench/hello_app.py); the answer is never waited for."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.sendall(f"GET /block?s={seconds:g} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def run_bursts(row: Row, server: Server, settings: Settings) -> None:
+    """The burst experiment on a started server (stopped by the caller)."""
+    for size in settings.bursts:
+        row.bursts[size] = burst(server.port, size, 60.0)
+        log(f"burst {server.name}: {size} -> {row.bursts[size]}")
+        time.sleep(1.0)  # the last burst's closes settle
+    if settings.fire:
+        row.fired = fire_and_close(server.port, settings.fire, 60.0)
+    row.recovered = recovered(server)
 
 
 def recovered(server: Server) -> str:
@@ -696,6 +826,37 @@ def recovered(server: Server) -> str:
 
 
 # ------------------------------------------------------------------------- report
+
+
+def burst_table(rows: list[Row], settings: Settings) -> list[str]:
+    sizes = settings.bursts
+    lines = [
+        f"### burst: {TITLES['burst']}",
+        "",
+        "Seconds until the last of N connections opened at once is answered (all answered"
+        " unless said); then a GET after FIRE connections that send a GET and close.",
+        "",
+        "| server | " + " | ".join(f"N = {n:,}" for n in sizes) + f" | GET after {settings.fire:,}"
+        " fire-and-close | recovered | notes |",
+        "|---|" + "---:|" * (len(sizes) + 1) + "---|---|",
+    ]
+    for row in rows:
+        if row.status != "ok":
+            empty = " |" * (len(sizes) + 2)
+            lines.append(f"| {row.server} | {row.status}: {row.reason} |{empty}")
+            continue
+        cells = []
+        for n in sizes:
+            answered, last = row.bursts.get(n, (0, 0.0))
+            cells.append(f"{last:.2f}" + ("" if answered == n else f" ({answered:,} answered)"))
+        made, waited = row.fired
+        fired = "—" if not settings.fire else ("none in 60 s" if waited < 0 else f"{waited:.2f}")
+        if settings.fire and made < settings.fire:
+            fired += f" ({made:,} connected)"
+        lines.append(
+            f"| {row.server} | {' | '.join(cells)} | {fired} | {row.recovered} | {row.notes} |"
+        )
+    return [*lines, ""]
 
 
 def table(experiment: str, rows: list[Row]) -> list[str]:
@@ -733,7 +894,7 @@ def main() -> None:
     settings.logdir.mkdir(parents=True, exist_ok=True)
     results = settings.results or settings.logdir / "reliability.md"
     notes = []
-    if note := raise_fd_limit(settings.crowd + 4096):
+    if note := raise_fd_limit(max([settings.crowd, *settings.bursts]) + 4096):
         notes.append(note)
     python, pip_notes = setup_venv(settings)
     notes += pip_notes
@@ -779,7 +940,10 @@ def main() -> None:
                 next(n for n, label in LABELS.items() if label == r.server)
             )
         )
-        report += table(experiment, rows)
+        if experiment == "burst":
+            report += burst_table(rows, settings)
+        else:
+            report += table(experiment, rows)
     text = "\n".join(report)
     results.write_text(text + "\n")
     print(text)
