@@ -18,6 +18,10 @@ Experiments (each on a freshly started server, under load for DURATION seconds):
              byte per 0.5 s, half send nothing; reconnected when the server cuts them);
 - blocked:   one worker's event loop blocked (``GET /block``: a ``time.sleep`` in the app)
              for the whole load: what the load's new connections pay for it;
+- abuse:     no load: ABUSE connections (20000) from 64 threads, in turn garbage then
+             FIN, a GET then FIN, half a head then a half-close, half a head then RST,
+             each read to the server's close; a GET every 0.2 s meanwhile must be
+             answered; the servers' fds and RSS 2 s after, against before;
 - burst:     no load: for each N of BURST (default 1500 3000 10000), N connections opened
              at once, each sending a GET and reading its answer, and the time until the
              last is answered; then FIRE connections (3000) that send a GET and close
@@ -33,10 +37,10 @@ answer (column "recovered").
 
 Environment: DURATION (s per experiment, 1..600, default 10), CLIENTS (1..64, 4),
 CROWD (0..20000, 1000), REQUEST_TIMEOUT (s, 10), BURST (sizes, default "1500 3000
-10000"), FIRE (0..20000, 3000), SERVERS (subset of
+10000"), FIRE (0..20000, 3000), ABUSE (0..100000, 20000), SERVERS (subset of
 "trioherd trioherd-shared gunicorn uvicorn node"), EXPERIMENTS (subset of
-"sigkill sigterm reload slowloris blocked burst"), BENCH_VENV (venv to create or reuse, default
-/tmp/trioherd-bench-venv, as bench/run.sh), BENCH_REINSTALL=1 (pip install again),
+"sigkill sigterm reload slowloris blocked burst abuse"), BENCH_VENV (venv to create or
+reuse, default /tmp/trioherd-bench-venv, as bench/run.sh), BENCH_REINSTALL=1 (pip install again),
 BENCH_LOGDIR (server logs; default a new /tmp/trioherd-reliability.XXXXXX), RESULTS
 (where the markdown report is written too, default BENCH_LOGDIR/reliability.md), SEED
 (random seed for the choice of victims; default: a fresh one, printed in the report).
@@ -56,6 +60,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -63,6 +68,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +82,7 @@ STOP_TIMEOUT = 15.0
 RECOVER_TIMEOUT = 15.0
 MIN_WORKER_AGE = 1.0  # seconds: younger workers are not killed or SIGTERMed
 ALL_SERVERS = ("trioherd", "trioherd-shared", "gunicorn", "uvicorn", "node")
-ALL_EXPERIMENTS = ("sigkill", "sigterm", "reload", "slowloris", "blocked", "burst")
+ALL_EXPERIMENTS = ("sigkill", "sigterm", "reload", "slowloris", "blocked", "burst", "abuse")
 LABELS = {
     "trioherd": "trioherd",
     "trioherd-shared": "trioherd --dispatch shared",
@@ -91,6 +97,7 @@ TITLES = {
     "slowloris": "a slowloris crowd beside the load",
     "blocked": "one worker's loop blocked (time.sleep in the app) beside the load",
     "burst": "connections opened all at once, no other load",
+    "abuse": "abusive connections (garbage, FIN or RST mid-head, half-close), no other load",
 }
 
 
@@ -135,6 +142,7 @@ class Settings:
     crowd: int = field(default_factory=lambda: int(env_number("CROWD", 1000, 0, 20000)))
     bursts: list[int] = field(default_factory=lambda: env_sizes("BURST", "1500 3000 10000"))
     fire: int = field(default_factory=lambda: int(env_number("FIRE", 3000, 0, 20000)))
+    abuse: int = field(default_factory=lambda: int(env_number("ABUSE", 20000, 0, 100000)))
     request_timeout: float = field(
         default_factory=lambda: env_number("REQUEST_TIMEOUT", 10, 0.1, 120)
     )
@@ -671,6 +679,7 @@ class Row:
     recovered: str = ""
     notes: str = ""
     bursts: dict[int, tuple[int, float]] = field(default_factory=dict)
+    abused: str = ""
     fired: tuple[int, float] = (0, 0.0)
 
 
@@ -723,6 +732,9 @@ def run_experiment(experiment: str, server: Server, settings: Settings, rng: ran
     try:
         if experiment == "burst":
             run_bursts(row, server, settings)
+            return row
+        if experiment == "abuse":
+            run_abuse(row, server, settings)
             return row
         if experiment == "blocked":
             blocker = Blocker(server.port, duration + 3)
@@ -811,6 +823,94 @@ def run_bursts(row: Row, server: Server, settings: Settings) -> None:
     if settings.fire:
         row.fired = fire_and_close(server.port, settings.fire, 60.0)
     row.recovered = recovered(server)
+
+
+ABUSES = (
+    b"\x16\x03\x01garbage\r\n\r\n",  # not HTTP at all, then FIN
+    REQUEST,  # a whole GET, then FIN (the answer is read)
+    REQUEST[:20],  # half a head, then a half-close
+    REQUEST[:20],  # half a head, then RST
+)
+
+
+def abuse_one(port: int, kind: int) -> None:
+    """One abusive connection of ``kind`` (an index into ABUSES), read until the server
+    closes it (at most 15 s)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            sock.sendall(ABUSES[kind])
+            if kind == 3:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return  # closed with an RST
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
+
+
+def tree_usage(server: Server) -> tuple[int, float]:
+    """(fds, RSS in MiB) of the server's top process and its workers, summed."""
+    fds = 0
+    rss = 0.0
+    pids = [server.process.pid] if server.process is not None else []
+    for pid in pids + server.workers():
+        try:
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+            with open(f"/proc/{pid}/statm", "rb") as file:
+                rss += int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, IndexError, ValueError):
+            pass
+    return fds, rss
+
+
+def run_abuse(row: Row, server: Server, settings: Settings) -> None:
+    """The abuse experiment on a started server (stopped by the caller)."""
+    fds_before, rss_before = tree_usage(server)
+    probes: list[tuple[bool, float]] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.wait(0.2):
+            ok, took, _ = one_request(server.port, settings.request_timeout)
+            probes.append((ok, took))
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    started = time.monotonic()
+    kinds = list(range(len(ABUSES))) * (settings.abuse // len(ABUSES) + 1)
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(lambda kind: abuse_one(server.port, kind), kinds[: settings.abuse]))
+    took = time.monotonic() - started
+    done.set()
+    prober.join(settings.request_timeout + 5)
+    time.sleep(2.0)
+    fds_after, rss_after = tree_usage(server)
+    failed = sum(1 for ok, _ in probes if not ok)
+    slowest = max((t for _, t in probes), default=0.0) * 1000
+    row.abused = (
+        f"| {took:.1f} | {len(probes) - failed}/{len(probes)}, slowest {slowest:.0f} ms | "
+        f"{fds_before} → {fds_after} | {rss_before:.0f} → {rss_after:.0f} |"
+    )
+    row.recovered = recovered(server)
+
+
+def abuse_table(rows: list[Row], settings: Settings) -> list[str]:
+    lines = [
+        f"### abuse: {TITLES['abuse']}",
+        "",
+        f"{settings.abuse:,} abusive connections from 64 threads; a GET every 0.2 s meanwhile;"
+        " fds and RSS (MiB) of the server's processes before, and 2 s after.",
+        "",
+        "| server | seconds | GETs answered | fds | RSS MiB | recovered | notes |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.status != "ok":
+            lines.append(f"| {row.server} | {row.status}: {row.reason} | | | | | |")
+            continue
+        lines.append(f"| {row.server} {row.abused} {row.recovered} | {row.notes} |")
+    return [*lines, ""]
 
 
 def recovered(server: Server) -> str:
@@ -942,6 +1042,8 @@ def main() -> None:
         )
         if experiment == "burst":
             report += burst_table(rows, settings)
+        elif experiment == "abuse":
+            report += abuse_table(rows, settings)
         else:
             report += table(experiment, rows)
     text = "\n".join(report)
