@@ -32,9 +32,15 @@ import enum
 
 import attrs
 
-WINDOW = 256
+WINDOW = 4096
 """Connections one worker may hold unacknowledged before it gets no more (not a
-congestion: it gets more as soon as it acknowledges)."""
+congestion: it gets more as soon as it acknowledges). As large as the kernel's usual
+accept queue (``net.core.somaxconn``, 4096): a worker that keeps acknowledging can take a
+whole queue, as it would accepting for itself (``--dispatch shared``), instead of leaving
+it full so that new clients' SYNs are dropped and retried 1 or 3 s later (10,000
+connections at once, the last answered after 0.6-2.2 s with a window of 256, 0.5-0.7 s
+with this one; docs/reliability.md). A hung worker still collects little: it is paused
+after PAUSE_AFTER."""
 PAUSE_AFTER = 0.02
 """Seconds a batch may wait unacknowledged before its worker gets no new connection until
 it acknowledges one."""
