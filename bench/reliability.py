@@ -679,7 +679,7 @@ class Row:
     recovered: str = ""
     notes: str = ""
     bursts: dict[int, tuple[int, float]] = field(default_factory=dict)
-    abused: str = ""
+    abused: list[str] = field(default_factory=list)
     fired: tuple[int, float] = (0, 0.0)
 
 
@@ -888,29 +888,17 @@ def run_abuse(row: Row, server: Server, settings: Settings) -> None:
     fds_after, rss_after = tree_usage(server)
     failed = sum(1 for ok, _ in probes if not ok)
     slowest = max((t for _, t in probes), default=0.0) * 1000
-    row.abused = (
-        f"| {took:.1f} | {len(probes) - failed}/{len(probes)}, slowest {slowest:.0f} ms | "
-        f"{fds_before} → {fds_after} | {rss_before:.0f} → {rss_after:.0f} |"
-    )
+    row.abused = [
+        f"{took:.1f}",
+        f"{len(probes) - failed}/{len(probes)}, slowest {slowest:.0f} ms",
+        f"{fds_before} → {fds_after}",
+        f"{rss_before:.0f} → {rss_after:.0f}",
+    ]
     row.recovered = recovered(server)
 
 
-def abuse_table(rows: list[Row], settings: Settings) -> list[str]:
-    lines = [
-        f"### abuse: {TITLES['abuse']}",
-        "",
-        f"{settings.abuse:,} abusive connections from 64 threads; a GET every 0.2 s meanwhile;"
-        " fds and RSS (MiB) of the server's processes before, and 2 s after.",
-        "",
-        "| server | seconds | GETs answered | fds | RSS MiB | recovered | notes |",
-        "|---|---:|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if row.status != "ok":
-            lines.append(f"| {row.server} | {row.status}: {row.reason} | | | | | |")
-            continue
-        lines.append(f"| {row.server} {row.abused} {row.recovered} | {row.notes} |")
-    return [*lines, ""]
+def abuse_cells(row: Row) -> list[str]:
+    return [*row.abused, row.recovered, row.notes]
 
 
 def recovered(server: Server) -> str:
@@ -928,54 +916,70 @@ def recovered(server: Server) -> str:
 # ------------------------------------------------------------------------- report
 
 
-def burst_table(rows: list[Row], settings: Settings) -> list[str]:
-    sizes = settings.bursts
-    lines = [
-        f"### burst: {TITLES['burst']}",
-        "",
-        "Seconds until the last of N connections opened at once is answered (all answered"
-        " unless said); then a GET after FIRE connections that send a GET and close.",
-        "",
-        "| server | " + " | ".join(f"N = {n:,}" for n in sizes) + f" | GET after {settings.fire:,}"
-        " fire-and-close | recovered | notes |",
-        "|---|" + "---:|" * (len(sizes) + 1) + "---|---|",
-    ]
+def report_table(
+    heading: str, columns: list[str], rows: list[Row], cells: Callable[[Row], list[str]]
+) -> list[str]:
+    """A markdown table of ``rows``, one per server: ``heading`` above it, then a column
+    per name in ``columns`` (a name ending in ``:`` is numeric, aligned right) filled by
+    ``cells``; a server that did not run says why across the row."""
+    names = [name.rstrip(":") for name in columns]
+    lines = [heading, "", "| server | " + " | ".join(names) + " |"]
+    lines.append("|---|" + "".join("---:|" if c.endswith(":") else "---|" for c in columns))
     for row in rows:
         if row.status != "ok":
-            empty = " |" * (len(sizes) + 2)
-            lines.append(f"| {row.server} | {row.status}: {row.reason} |{empty}")
-            continue
-        cells = []
-        for n in sizes:
-            answered, last = row.bursts.get(n, (0, 0.0))
-            cells.append(f"{last:.2f}" + ("" if answered == n else f" ({answered:,} answered)"))
-        made, waited = row.fired
-        fired = "—" if not settings.fire else ("none in 60 s" if waited < 0 else f"{waited:.2f}")
-        if settings.fire and made < settings.fire:
-            fired += f" ({made:,} connected)"
-        lines.append(
-            f"| {row.server} | {' | '.join(cells)} | {fired} | {row.recovered} | {row.notes} |"
-        )
+            lines.append(
+                f"| {row.server} | {row.status}: {row.reason} |" + " |" * (len(columns) - 1)
+            )
+        else:
+            lines.append("| " + " | ".join([row.server, *cells(row)]) + " |")
     return [*lines, ""]
 
 
-def table(experiment: str, rows: list[Row]) -> list[str]:
-    lines = [
-        f"### {experiment}: {TITLES[experiment]}",
-        "",
-        "| server | requests | failures | req/s | p99 ms | chaos | recovered | notes |",
-        "|---|---:|---:|---:|---:|---|---|---|",
+def burst_cells(row: Row, settings: Settings) -> list[str]:
+    cells = []
+    for n in settings.bursts:
+        answered, last = row.bursts.get(n, (0, 0.0))
+        cells.append(f"{last:.2f}" + ("" if answered == n else f" ({answered:,} answered)"))
+    made, waited = row.fired
+    fired = "—" if not settings.fire else ("none in 60 s" if waited < 0 else f"{waited:.2f}")
+    if settings.fire and made < settings.fire:
+        fired += f" ({made:,} connected)"
+    return [*cells, fired, row.recovered, row.notes]
+
+
+def chaos_cells(row: Row) -> list[str]:
+    failures = f"{row.failures}" + (f" ({row.failure_kinds})" if row.failures else "")
+    return [
+        f"{row.requests:,}",
+        failures,
+        f"{row.rps:,.0f}",
+        f"{row.p99_ms:.1f}",
+        row.events,
+        row.recovered,
+        row.notes,
     ]
-    for row in rows:
-        if row.status != "ok":
-            lines.append(f"| {row.server} | {row.status}: {row.reason} | | | | | | |")
-            continue
-        failures = f"{row.failures}" + (f" ({row.failure_kinds})" if row.failures else "")
-        lines.append(
-            f"| {row.server} | {row.requests:,} | {failures} | {row.rps:,.0f} | "
-            f"{row.p99_ms:.1f} | {row.events} | {row.recovered} | {row.notes} |"
+
+
+def table(experiment: str, rows: list[Row], settings: Settings) -> list[str]:
+    heading = f"### {experiment}: {TITLES[experiment]}"
+    if experiment == "burst":
+        heading += (
+            "\n\nSeconds until the last of N connections opened at once is answered (all"
+            " answered unless said); then a GET after FIRE connections that send a GET and"
+            " close."
         )
-    return [*lines, ""]
+        columns = [f"N = {n:,}:" for n in settings.bursts]
+        columns += [f"GET after {settings.fire:,} fire-and-close:", "recovered", "notes"]
+        return report_table(heading, columns, rows, lambda row: burst_cells(row, settings))
+    if experiment == "abuse":
+        heading += (
+            f"\n\n{settings.abuse:,} abusive connections from 64 threads; a GET every 0.2 s"
+            " meanwhile; fds and RSS (MiB) of the server's processes before, and 2 s after."
+        )
+        columns = ["seconds:", "GETs answered", "fds", "RSS MiB", "recovered", "notes"]
+        return report_table(heading, columns, rows, abuse_cells)
+    columns = ["requests:", "failures:", "req/s:", "p99 ms:", "chaos", "recovered", "notes"]
+    return report_table(heading, columns, rows, chaos_cells)
 
 
 def raise_fd_limit(needed: int) -> str:
@@ -1040,12 +1044,7 @@ def main() -> None:
                 next(n for n, label in LABELS.items() if label == r.server)
             )
         )
-        if experiment == "burst":
-            report += burst_table(rows, settings)
-        elif experiment == "abuse":
-            report += abuse_table(rows, settings)
-        else:
-            report += table(experiment, rows)
+        report += table(experiment, rows, settings)
     text = "\n".join(report)
     results.write_text(text + "\n")
     print(text)
