@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from helpers import CLIHerd, open_herd, wait_until
+from helpers import CLIHerd, address_of, open_herd, receive_until, wait_until
 
 VERSION_APP = """
 import os
@@ -265,6 +265,39 @@ async def test_metrics_totals_match_the_requests_sent() -> None:
         assert metrics["trioherd_workers"] == 2
         assert metrics['trioherd_requests_total{status="4xx"}'] == 1  # the 431
         assert metrics["trioherd_reloads_total"] == 1
+
+
+async def test_a_heartbeat_has_the_shape_the_primary_totals_and_shed_is_counted() -> None:
+    """What a live worker sends is exactly the shape ``_ipc`` defines (nothing sent that
+    the primary would not total, nothing of the shape missing), and idle connections shed
+    near --max-connections reach the totals and the metrics."""
+    from trioherd import _ipc
+
+    async with open_herd(
+        app="apps.http_apps:native", workers=1, max_connections=10, metrics_bind="127.0.0.1:0"
+    ) as herd:
+        host, port = address_of(herd)
+        (worker,) = herd.workers
+        idle: list[trio.SocketStream] = []
+        try:
+            for _ in range(12):  # each served once, then idle; the 9th open is over 90 %
+                stream = await trio.open_tcp_stream(host, port)
+                idle.append(stream)
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                with trio.fail_after(30):
+                    await receive_until(stream, b"\r\n\r\n")
+            with trio.fail_after(30):
+                while worker.stats.get("shed", 0) == 0:
+                    await trio.sleep(0.05)
+        finally:
+            for stream in idle:
+                await stream.aclose()
+        assert set(worker.stats) == {*_ipc.COUNTERS, *_ipc.WORKER_COUNTS, _ipc.STATUS}
+        assert herd.totals()["shed"] == worker.stats["shed"] >= 1
+        assert herd.metrics_url is not None
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(herd.metrics_url)).text
+        assert f"trioherd_connections_shed_total {worker.stats['shed']}" in text.splitlines()
 
 
 def test_sighup_reloads_and_sigterm_twice_stops_at_once(cli_herd: Any, tmp_path: Path) -> None:

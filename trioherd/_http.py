@@ -87,6 +87,8 @@ class Stats:
         self.ws_out = 0  # WebSocket messages sent
 
     def snapshot(self) -> dict[str, Any]:
+        """The counters in the heartbeat's shape (``_ipc.COUNTERS``, ``STATUS`` and the
+        ``websockets`` of ``WORKER_COUNTS``; the worker adds ``open``)."""
         return {
             "requests": self.requests,
             "bytes_in": self.bytes_in,

@@ -55,10 +55,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
 
 # The shape of a heartbeat's ``stats``. Every key is optional (a missing one counts as 0).
 # cumulative; summed into the herd's totals
-COUNTERS = ("requests", "bytes_in", "bytes_out", "ws_messages_in", "ws_messages_out")
+# (``shed``: idle keep-alive connections closed to make room near --max-connections)
+COUNTERS = ("requests", "bytes_in", "bytes_out", "shed", "ws_messages_in", "ws_messages_out")
 WORKER_COUNTS = ("open", "websockets")  # per worker: open connections, WebSockets now
 STATUS = "status"  # {"2xx": n, ...}: requests by status class; summed into the totals
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")  # the keys STATUS may have
 
 
 def _whole(value: Any) -> bool:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import _ipc
 from ._config import parse_host_port
 from ._errors import ConfigError
 
@@ -30,8 +31,8 @@ def render(herd: Herd) -> str:
         "# HELP trioherd_requests_total HTTP requests served by the herd, by status class.",
         "# TYPE trioherd_requests_total counter",
     ]
-    status = totals["status"]
-    for key in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+    status = totals[_ipc.STATUS]
+    for key in _ipc.STATUS_CLASSES:
         lines.append(f'trioherd_requests_total{{status="{key}"}} {status.get(key, 0)}')
     lines += [
         "# HELP trioherd_bytes_received_total Bytes received from clients.",
@@ -43,6 +44,10 @@ def render(herd: Herd) -> str:
         "# HELP trioherd_connections_open Connections open in the workers now.",
         "# TYPE trioherd_connections_open gauge",
         f"trioherd_connections_open {totals['connections']}",
+        "# HELP trioherd_connections_shed_total Idle keep-alive connections closed to make"
+        " room near --max-connections.",
+        "# TYPE trioherd_connections_shed_total counter",
+        f"trioherd_connections_shed_total {totals['shed']}",
         *_websocket_lines(herd, totals),
         "# HELP trioherd_connections_moved_total Connections taken back from a worker that"
         " could not take them (slow, hung, dead) and passed to another.",
