@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trioherd import _ipc
-from trioherd._http import Stats
 from trioherd._errors import IPCProtocolError
+from trioherd._http import Stats
 
 
 def test_round_trip_of_every_message_type() -> None:
