@@ -25,81 +25,128 @@ MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
 
 
+def _metric(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> list[str]:
+    """One metric family in the text format: its HELP and TYPE lines, then a line per
+    (labels, value) sample (labels as ``a="1",b="2"``, or empty)."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+    return lines
+
+
 def render(herd: Herd) -> str:
     totals = herd.totals()
-    lines = [
-        "# HELP trioherd_requests_total HTTP requests served by the herd, by status class.",
-        "# TYPE trioherd_requests_total counter",
-    ]
     status = totals[_ipc.STATUS]
-    for key in _ipc.STATUS_CLASSES:
-        lines.append(f'trioherd_requests_total{{status="{key}"}} {status.get(key, 0)}')
-    lines += [
-        "# HELP trioherd_bytes_received_total Bytes received from clients.",
-        "# TYPE trioherd_bytes_received_total counter",
-        f"trioherd_bytes_received_total {totals['bytes_in']}",
-        "# HELP trioherd_bytes_sent_total Bytes sent to clients.",
-        "# TYPE trioherd_bytes_sent_total counter",
-        f"trioherd_bytes_sent_total {totals['bytes_out']}",
-        "# HELP trioherd_connections_open Connections open in the workers now.",
-        "# TYPE trioherd_connections_open gauge",
-        f"trioherd_connections_open {totals['connections']}",
-        "# HELP trioherd_connections_shed_total Idle keep-alive connections closed to make"
-        " room near --max-connections.",
-        "# TYPE trioherd_connections_shed_total counter",
-        f"trioherd_connections_shed_total {totals['shed']}",
-        *_websocket_lines(herd, totals),
-        "# HELP trioherd_connections_moved_total Connections taken back from a worker that"
-        " could not take them (slow, hung, dead) and passed to another.",
-        "# TYPE trioherd_connections_moved_total counter",
-        f"trioherd_connections_moved_total {herd.handoff.moved}",
-        "# HELP trioherd_connections_dropped_total Connections closed unanswered (only when"
-        " a stopping herd had no worker left for one).",
-        "# TYPE trioherd_connections_dropped_total counter",
-        f"trioherd_connections_dropped_total {herd.handoff.dropped}",
-        "# HELP trioherd_workers Worker slots the herd keeps.",
-        "# TYPE trioherd_workers gauge",
-        f"trioherd_workers {herd.size}",
-        *_reload_lines(herd),
-        "# HELP trioherd_respawns_total Workers replaced, by cause.",
-        "# TYPE trioherd_respawns_total counter",
-    ]
     causes = {"crash", "boot", "timeout", "signal", "max-requests", "max-memory"}
-    for cause in sorted(causes | set(herd.respawns)):
-        label = cause.replace(" ", "-")
-        lines.append(f'trioherd_respawns_total{{cause="{label}"}} {herd.respawns.get(cause, 0)}')
-    lines += [
-        "# HELP trioherd_worker_requests Requests served by each live worker.",
-        "# TYPE trioherd_worker_requests gauge",
+    respawns = [
+        (f'cause="{cause.replace(" ", "-")}"', herd.respawns.get(cause, 0))
+        for cause in sorted(causes | set(herd.respawns))
     ]
+    return (
+        "\n".join(
+            [
+                *_metric(
+                    "trioherd_requests_total",
+                    "counter",
+                    "HTTP requests served by the herd, by status class.",
+                    [(f'status="{key}"', status.get(key, 0)) for key in _ipc.STATUS_CLASSES],
+                ),
+                *_metric(
+                    "trioherd_bytes_received_total",
+                    "counter",
+                    "Bytes received from clients.",
+                    [("", totals["bytes_in"])],
+                ),
+                *_metric(
+                    "trioherd_bytes_sent_total",
+                    "counter",
+                    "Bytes sent to clients.",
+                    [("", totals["bytes_out"])],
+                ),
+                *_connection_lines(herd, totals),
+                *_websocket_lines(herd, totals),
+                *_metric(
+                    "trioherd_workers", "gauge", "Worker slots the herd keeps.", [("", herd.size)]
+                ),
+                *_reload_lines(herd),
+                *_metric(
+                    "trioherd_respawns_total", "counter", "Workers replaced, by cause.", respawns
+                ),
+                *_worker_lines(herd),
+            ]
+        )
+        + "\n"
+    )
+
+
+def _connection_lines(herd: Herd, totals: dict[str, Any]) -> list[str]:
+    """Connections open now, shed by the workers, moved and dropped by the hand-off."""
+    return [
+        *_metric(
+            "trioherd_connections_open",
+            "gauge",
+            "Connections open in the workers now.",
+            [("", totals["connections"])],
+        ),
+        *_metric(
+            "trioherd_connections_shed_total",
+            "counter",
+            "Idle keep-alive connections closed to make room near --max-connections.",
+            [("", totals["shed"])],
+        ),
+        *_metric(
+            "trioherd_connections_moved_total",
+            "counter",
+            "Connections taken back from a worker that could not take them (slow, hung,"
+            " dead) and passed to another.",
+            [("", herd.handoff.moved)],
+        ),
+        *_metric(
+            "trioherd_connections_dropped_total",
+            "counter",
+            "Connections closed unanswered (only when a stopping herd had no worker left"
+            " for one).",
+            [("", herd.handoff.dropped)],
+        ),
+    ]
+
+
+def _worker_lines(herd: Herd) -> list[str]:
+    """Requests and resident memory of each live worker."""
     workers = herd.workers
-    for worker in workers:
-        lines.append(
-            f'trioherd_worker_requests{{slot="{worker.slot.index}",pid="{worker.pid}"}} '
-            f"{worker.requests}"
-        )
-    lines += [
-        "# HELP trioherd_worker_rss_bytes Resident memory of each live worker.",
-        "# TYPE trioherd_worker_rss_bytes gauge",
+    labels = [f'slot="{worker.slot.index}",pid="{worker.pid}"' for worker in workers]
+    return [
+        *_metric(
+            "trioherd_worker_requests",
+            "gauge",
+            "Requests served by each live worker.",
+            [(label, worker.requests) for label, worker in zip(labels, workers, strict=True)],
+        ),
+        *_metric(
+            "trioherd_worker_rss_bytes",
+            "gauge",
+            "Resident memory of each live worker.",
+            [(label, worker.rss()) for label, worker in zip(labels, workers, strict=True)],
+        ),
     ]
-    for worker in workers:
-        lines.append(
-            f'trioherd_worker_rss_bytes{{slot="{worker.slot.index}",pid="{worker.pid}"}} '
-            f"{worker.rss()}"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def _reload_lines(herd: Herd) -> list[str]:
     """Rolling reloads: those that succeeded, and those a replacement failed."""
     return [
-        "# HELP trioherd_reloads_total Rolling reloads that succeeded.",
-        "# TYPE trioherd_reloads_total counter",
-        f"trioherd_reloads_total {herd.reloads}",
-        "# HELP trioherd_reloads_failed_total Rolling reloads stopped by a replacement that"
-        " could not boot (the old workers kept serving).",
-        "# TYPE trioherd_reloads_failed_total counter",
-        f"trioherd_reloads_failed_total {herd.reloads_failed}",
+        *_metric(
+            "trioherd_reloads_total",
+            "counter",
+            "Rolling reloads that succeeded.",
+            [("", herd.reloads)],
+        ),
+        *_metric(
+            "trioherd_reloads_failed_total",
+            "counter",
+            "Rolling reloads stopped by a replacement that could not boot (the old workers"
+            " kept serving).",
+            [("", herd.reloads_failed)],
+        ),
     ]
 
 
@@ -107,14 +154,21 @@ def _websocket_lines(herd: Herd, totals: dict[str, Any]) -> list[str]:
     """The WebSocket gauge and counters (each open WebSocket is also an open connection)."""
     websockets = sum(int(worker.stats.get("websockets", 0)) for worker in herd.workers)
     return [
-        "# HELP trioherd_websockets_open WebSockets open in the workers now.",
-        "# TYPE trioherd_websockets_open gauge",
-        f"trioherd_websockets_open {websockets}",
-        "# HELP trioherd_websocket_messages_total WebSocket messages received (in) and sent"
-        " (out).",
-        "# TYPE trioherd_websocket_messages_total counter",
-        f'trioherd_websocket_messages_total{{direction="in"}} {totals["ws_messages_in"]}',
-        f'trioherd_websocket_messages_total{{direction="out"}} {totals["ws_messages_out"]}',
+        *_metric(
+            "trioherd_websockets_open",
+            "gauge",
+            "WebSockets open in the workers now.",
+            [("", websockets)],
+        ),
+        *_metric(
+            "trioherd_websocket_messages_total",
+            "counter",
+            "WebSocket messages received (in) and sent (out).",
+            [
+                ('direction="in"', totals["ws_messages_in"]),
+                ('direction="out"', totals["ws_messages_out"]),
+            ],
+        ),
     ]
 
 
