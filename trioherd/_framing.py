@@ -56,6 +56,13 @@ class InvalidResponse(Exception):
     """The app asked for a response HTTP cannot carry (a bad header, a wrong length)."""
 
 
+def check_field(name: bytes, value: bytes) -> None:
+    """Raise InvalidResponse unless ``name`` is a token and ``value`` has no control
+    character and no white space at either end (RFC 9110 5.1, 5.5)."""
+    if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+        raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
+
+
 def http_date() -> bytes:
     """The Date header value, formatted once per second."""
     global _date_second, _date_value
@@ -170,8 +177,7 @@ class ResponseFraming:
         for name, value in headers:
             field = (name, value)
             if field not in checked:
-                if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                    raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
+                check_field(name, value)
                 if len(value) <= _CHECKED_VALUE_MAX:
                     if len(checked) >= _CHECKED_MAX:
                         checked.clear()

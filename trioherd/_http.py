@@ -7,7 +7,9 @@ one request and writes its response through :meth:`HTTPConnection.send_complete`
 :meth:`HTTPConnection.head` and :meth:`HTTPConnection.send` with ``framing.body`` and
 ``framing.end``.
 
-Timeouts, all cancel scopes in the connection's own task:
+Timeouts, as deadlines the worker's sweeper enforces (``ServerState.sweep`` and
+``HTTPConnection.expire``: it interrupts the connection's wait on a raw socket, and
+cancels the connection's scope under TLS):
 - idle: waiting for the first byte of a request (``keep_alive_timeout``; during a drain the
   short drain grace instead, so a request already on its way is still served);
 - head: from the first byte of a request to the end of its head (``header_timeout``, not
@@ -16,7 +18,8 @@ Timeouts, all cancel scopes in the connection's own task:
 - send: a response the client takes none of (``send_timeout``); the connection is reset.
 
 Idle crowds: at 90 % of ``max_connections`` the sweeper closes idle keep-alive
-connections, the longest idle first, until fewer than 80 % are open (``Stats.shed``).
+connections, the longest idle first, until fewer than 80 % are open (counted in
+``Stats.shed``, a heartbeat counter: ``trioherd_connections_shed_total``).
 
 Errors: an h11 protocol error becomes the status h11 hints (400, 431, ...) and a closed
 connection; an exception in the app becomes a 500 if nothing was sent yet, else the
@@ -43,12 +46,11 @@ from ._config import Config
 from ._forwarded import TrustedPeers
 from ._forwarded import apply as apply_forwarded
 from ._framing import Fields, ResponseFraming, header_list, reason
-from ._rawstream import EdgeWaiter, RawSocketStream
+from ._rawstream import RECEIVE_SIZE, EdgeWaiter, RawSocketStream
 
 log = logging.getLogger("trioherd.http")
 access_log = logging.getLogger("trioherd.access")
 
-RECEIVE_SIZE = 65536
 DRAIN_GRACE = 1.0
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024

@@ -17,7 +17,7 @@ The plain profile, checked before a head is taken from llhttp:
 Header values lose trailing white space (llhttp keeps it, h11 strips it). Anything llhttp
 refuses goes to h11 for the answer (a 400 with h11's message, or a request h11 accepts:
 llhttp refuses unknown methods, and versions other than 0.9, 1.0, 1.1 and 2.0).
-tests/test_httptools.py holds the two parsers to the same result on generated heads.
+tests/unit/test_httptools.py holds the two parsers to the same result on generated heads.
 """
 
 from __future__ import annotations

@@ -7,31 +7,28 @@ only when the kernel says EAGAIN.
 
 Fairness: a receive that found data at once still yields once (a trip to the back of the
 run queue), so a client that always has its next request ready cannot starve the other
-connections: measured with 64 keep-alive clients on one worker, yielding every 16 calls
-instead left p99 latency at 110 ms, yielding on every receive keeps it near 20 ms for
-about 5 % of throughput. The stream's first receive does not yield: the connection's task
-has just come through the run queue when it was started, and the yield (about 8 us, a
-pass of the run loop) was a tenth of a new connection's cost in the worker.
+connections. The stream's first receive does not yield: the connection's task has just
+come through the run queue when it was started.
 
 Sends yield *before* they write, once per ``send_all``: every connection woken in one
 pass of the run loop reads and answers its request, then all the answers go out together
 in the next pass, a few microseconds apart, instead of one per request's work. A client
 (wrk, a proxy on the same machine) then wakes once for the lot instead of once per
 response; waking a sleeping reader is the sender's cost, and the costliest part of a small
-send on a virtual machine. Measured with one pinned worker and ``wrk -c64``
-(``bench/wakeups.sh``): wrk slept 0.74 times per response before, 0.20 after (0.96 and
-0.36 with ``--http h11``); the worker's system time per request fell from 12-14 to 9 us
-(19-22 to 11 us with h11), and the extra pass costs about 4 us of user time. The response
-is held back by at most the pass it was made in.
+send on a virtual machine. The response is held back by at most the pass it was made in.
 
 A small answer on a connection that goes on need not even be written by its task:
 :meth:`RawSocketStream.send_soon` hands it to the :class:`EdgeWaiter`'s flusher, which
 writes the answers handed over in a pass all together in the next, and the task goes
 straight back to waiting for its next request (one trip through trio's scheduler less per
-request: 51 to 45 us of CPU per request with 2 workers, 1.13x the requests per second,
-in an interleaved A/B). What the flusher cannot write at once stays with the stream, and
-its task finishes it before anything else (with the send timeout of any stalled send);
-an error the flusher met is raised by the stream's next call.
+request). What the flusher cannot write at once stays with the stream, and its task
+finishes it before anything else (with the send timeout of any stalled send); an error
+the flusher met is raised by the stream's next call.
+
+What each of these choices measured (the yield's p99 against starvation, wake-ups per
+response, CPU per request) is in docs/performance.md ("Where the time goes, and what we
+did about it" and "What changed, and what each change measured"), where figures are kept
+with the run that produced them.
 
 The next request of a keep-alive connection (``receive_next``) is waited for on the
 worker's :class:`EdgeWaiter`, an epoll of its own where each socket is registered once,

@@ -44,13 +44,12 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, 
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
-from ._framing import _BAD_VALUE, _TOKEN, Fields, InvalidResponse, http_date, reason
+from ._framing import Fields, check_field, http_date, reason
 from ._http import ClientGone, HTTPConnection, RequestHead
-from ._rawstream import RawSocketStream
+from ._rawstream import RECEIVE_SIZE, RawSocketStream
 
 log = logging.getLogger("trioherd.http")
 
-RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 1.0
 """Seconds to wait for the client's part of a close: its close frame after ours, its end
 of the TCP connection after the handshake (the drain's deadline bounds it too)."""
@@ -131,8 +130,7 @@ class Handshake:
         has_date = has_server = False
         for name, value in headers:
             lowered = name.lower()
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise InvalidResponse(f"invalid response header {name!r}: {value!r}")
+            check_field(name, value)
             if lowered == b"sec-websocket-protocol":
                 raise RuntimeError("choose the WebSocket subprotocol with subprotocol=")
             if lowered in _OURS:
