@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._events import HerdEvent as HerdEvent
     from ._primary import Herd as Herd
     from ._process import WorkerProcess as WorkerProcess
+    from ._process import WorkerState as WorkerState
     from ._serve import serve as serve
     from ._websocket import WebSocket as WebSocket
     from ._websocket import WebSocketClosed as WebSocketClosed
@@ -41,6 +42,7 @@ _LAZY = {
     "Herd": "_primary",
     "HerdEvent": "_events",
     "WorkerProcess": "_process",
+    "WorkerState": "_process",
     "serve": "_serve",
     "WebSocket": "_websocket",  # wsproto is loaded by a worker's first WebSocket
     "WebSocketClosed": "_websocket",
@@ -77,6 +79,7 @@ __all__ = [
     "WorkerBootError",
     "WorkerInfo",
     "WorkerProcess",
+    "WorkerState",
     "current_worker",
     "receive_from_primary",
     "run",

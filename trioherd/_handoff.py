@@ -44,7 +44,7 @@ from ._config import Config
 from ._errors import IPCProtocolError
 from ._listeners import Listener, accept_fd, defer_accept, queued_connections
 from ._policy import Dispatcher
-from ._process import WorkerProcess
+from ._process import WorkerProcess, WorkerState
 from ._transit import WINDOW, Batch, Skip, Transit
 
 log = logging.getLogger("trioherd.primary")
@@ -383,7 +383,7 @@ class Handoff:
         self._dispatcher.remove(worker)
 
     def _admissible(self, worker: WorkerProcess) -> bool:
-        return worker.state == "ready" and worker.slot.active and not self._closing
+        return worker.state is WorkerState.READY and worker.slot.active and not self._closing
 
     async def _redispatch(self, fds: list[int], index: int) -> None:
         """Give fds that a worker could not take (or never took) to another worker."""

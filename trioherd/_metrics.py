@@ -15,6 +15,7 @@ import trio
 from . import _ipc
 from ._config import parse_host_port
 from ._errors import ConfigError
+from ._process import WorkerState
 
 if TYPE_CHECKING:
     from ._primary import Herd
@@ -177,7 +178,11 @@ def readiness(herd: Herd) -> str | None:
     at least one worker is ready and taking connections, and the herd is not stopping."""
     if herd.stopping:
         return "stopping"
-    serving = [w for w in herd.workers if w.state == "ready" and herd.handoff.is_dispatching_to(w)]
+    serving = [
+        w
+        for w in herd.workers
+        if w.state is WorkerState.READY and herd.handoff.is_dispatching_to(w)
+    ]
     if not serving:
         return "no worker is ready to take connections"
     return None
@@ -194,7 +199,7 @@ def answer(herd: Herd, path: bytes) -> tuple[bytes, bytes, bytes]:
     if path == b"/readyz":
         reason = readiness(herd)
         if reason is None:
-            ready = sum(1 for w in herd.workers if w.state == "ready")
+            ready = sum(1 for w in herd.workers if w.state is WorkerState.READY)
             return f"ready: {ready} of {herd.size} workers\n".encode(), b"200 OK", text
         return f"not ready: {reason}\n".encode(), b"503 Service Unavailable", text
     return b"not found\n", b"404 Not Found", text

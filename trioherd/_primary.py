@@ -38,7 +38,7 @@ from ._events import EventHub, HerdEvent
 from ._handoff import Handoff
 from ._log import plural
 from ._policy import after_exit, backoff_delay, free_indexes
-from ._process import Slot, WorkerProcess, spawn, worker_env
+from ._process import Slot, WorkerProcess, WorkerState, spawn, worker_env
 from ._recycle import Recycler
 from ._tls import new_ticket_keys
 
@@ -120,7 +120,7 @@ class Herd:
         """Send ``obj`` to every ready worker (``trioherd.receive_from_primary()``)."""
         data = _ipc.encode("msg", data=obj)
         for worker in self.workers:
-            if worker.state == "ready":
+            if worker.state is WorkerState.READY:
                 with contextlib.suppress(_ipc.ChannelClosed):
                     await worker.channel.send(data)
 
@@ -258,7 +258,8 @@ class Herd:
         # ready when every slot has a ready worker, or the herd gave up
         while not self._stopping:
             if all(
-                slot.worker is not None and slot.worker.state == "ready" for slot in self._slots
+                slot.worker is not None and slot.worker.state is WorkerState.READY
+                for slot in self._slots
             ):
                 return
             with trio.move_on_after(BOOT_POLL):
@@ -341,8 +342,8 @@ class Herd:
             worker.boot_error = message["text"]
         elif kind == "draining":  # the worker drains on its own (SIGTERM): let it go
             worker.drained_itself = True
-            if worker.state in ("starting", "ready"):
-                worker.state = "disconnecting"
+            if worker.state in (WorkerState.STARTING, WorkerState.READY):
+                worker.state = WorkerState.DISCONNECTING
                 self.handoff.finish(worker)
                 self._publish("disconnect", worker)
                 self._tasks.start_soon(worker.tell_disconnect, self.config.graceful_timeout)
@@ -364,10 +365,10 @@ class Herd:
         if worker.ready_at is not None:
             return
         worker.ready_at = trio.current_time()
-        if worker.state == "starting":  # not if a stop or scale-down already reached it
-            worker.state = "ready"
+        if worker.state is WorkerState.STARTING:  # not if a stop or scale-down already reached it
+            worker.state = WorkerState.READY
         self._boot_failures = 0
-        if worker.state == "ready" and not self._stopping and worker.slot.active:
+        if worker.state is WorkerState.READY and not self._stopping and worker.slot.active:
             self.handoff.admit(worker)
         self._progress.set()
         worker.ready_event.set()
@@ -395,7 +396,7 @@ class Herd:
             or not slot.active
             or self._tasks.cancel_scope.cancel_called
         )
-        others = sum(1 for w in self._workers if w.state == "ready")
+        others = sum(1 for w in self._workers if w.state is WorkerState.READY)
         facts = worker.exit_facts(wanted, self._boot_failures, others)
         decision = after_exit(facts, self.config)
         self._boot_failures = decision.boot_failures
@@ -447,10 +448,10 @@ class Herd:
             await _first(new.ready_event, new.exited_event)
         if self._stopping or not slot.active:
             # a stop or a scale-down came meanwhile: the replacement is not wanted
-            if new.state != "exited":
+            if new.state is not WorkerState.EXITED:
                 await self._disconnect(new, reason)
             return False
-        if new.state != "ready":
+        if new.state is not WorkerState.READY:
             if new.exited_event.is_set():
                 text = new.boot_error or f"replacement worker exited: {new.describe_exit()}"
             else:
@@ -464,7 +465,7 @@ class Herd:
         previous = slot.worker
         slot.worker = new
         slot.failures = 0
-        if previous is not None and previous.state != "exited":
+        if previous is not None and previous.state is not WorkerState.EXITED:
             if wait:
                 await self._disconnect(previous, reason)
             else:
@@ -474,12 +475,12 @@ class Herd:
     async def _disconnect(self, worker: WorkerProcess, reason: str) -> None:
         """Graceful disconnect: no more connections, finish in-flight work within
         graceful_timeout; SIGTERM past it plus a margin, then SIGKILL."""
-        if worker.state == "exited":
+        if worker.state is WorkerState.EXITED:
             return
         worker.requested_disconnect = True  # even if it was already draining on its own
-        tell = worker.state != "disconnecting"
+        tell = worker.state is not WorkerState.DISCONNECTING
         if tell:
-            worker.state = "disconnecting"
+            worker.state = WorkerState.DISCONNECTING
             self.handoff.finish(worker)
             self._publish("disconnect", worker)
             log.debug("disconnecting worker %d (pid %d): %s", worker.id, worker.pid, reason)

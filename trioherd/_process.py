@@ -13,6 +13,7 @@ the worker's PR_SET_PDEATHSIG fires when the *thread* that forked it exits.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import signal
@@ -55,6 +56,20 @@ class Slot:
     """Held while the slot's worker is being replaced (reload, recycle)."""
 
 
+class WorkerState(enum.StrEnum):
+    """Where a worker is in its life, as the primary sees it (equal to its name as a
+    string, so ``worker.state == "ready"`` holds, and JSON shows the name)."""
+
+    STARTING = "starting"
+    """Spawned, not ready yet: gets no connections."""
+    READY = "ready"
+    """Said ready: in dispatch unless withdrawn, paused or stalled."""
+    DISCONNECTING = "disconnecting"
+    """Told to drain (stop, reload, recycle, scale-down, or its own SIGTERM)."""
+    EXITED = "exited"
+    """Its process is gone and reaped."""
+
+
 @attrs.define(eq=False)
 class WorkerProcess:
     """A worker process as the primary sees it (``herd.workers`` lists these, live)."""
@@ -72,7 +87,7 @@ class WorkerProcess:
     tally: Tally = attrs.field(repr=False)
     """The counters the worker keeps in memory shared with the primary: the last batch it
     took, the connections it opened and closed."""
-    state: str = "starting"  # starting, ready, disconnecting, exited
+    state: WorkerState = WorkerState.STARTING
     started_at: float = attrs.field(factory=time.monotonic)
     ready_at: float | None = None
     dispatched: int = 0  # written by the hand-off only
@@ -222,12 +237,12 @@ class WorkerProcess:
             self.exit_signal = signal_name(-code)
         else:
             self.exit_code = code
-        self.state = "exited"
+        self.state = WorkerState.EXITED
 
     def recycle_reason(self, rss: int, max_memory: int) -> str | None:
         """Why this worker should be replaced now (max-requests, max-memory), or None;
         ``rss`` is its resident size in bytes, read by the caller (0 without max_memory)."""
-        if self.state != "ready" or self.recycling:
+        if self.state is not WorkerState.READY or self.recycling:
             return None
         if self.recycle_after and trio.current_time() < self.recycle_after:
             return None  # its last replacement failed to boot: wait before trying again

@@ -20,7 +20,7 @@ import trio
 from ._config import Config
 from ._errors import ReloadError
 from ._handoff import Handoff
-from ._process import Slot, WorkerProcess
+from ._process import Slot, WorkerProcess, WorkerState
 
 log = logging.getLogger("trioherd.primary")
 
@@ -82,7 +82,11 @@ class Recycler:
 
     async def _recycle(self, worker: WorkerProcess, reason: str) -> None:
         async with worker.slot.lock:
-            if worker.state == "exited" or self.stopping or worker.slot.worker is not worker:
+            if (
+                worker.state is WorkerState.EXITED
+                or self.stopping
+                or worker.slot.worker is not worker
+            ):
                 return
             log.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
             try:
@@ -94,5 +98,7 @@ class Recycler:
                     return
                 worker.recycling = None
                 worker.recycle_after = trio.current_time() + max(1.0, self.config.backoff_max)
-                if worker.state == "ready":  # better over its limit than no worker at all
+                if (
+                    worker.state is WorkerState.READY
+                ):  # better over its limit than no worker at all
                     self._handoff.admit(worker)
