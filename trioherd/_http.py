@@ -488,7 +488,7 @@ class HTTPConnection:
             if self.expired in (HEAD, BODY):
                 linger = await _answer_expired(self)
         except h11.RemoteProtocolError as exc:
-            await self._answer_late(exc.error_status_hint, str(exc))
+            await self.answer_late(exc.error_status_hint, str(exc))
             linger = True
         except _STREAM_ERRORS:
             pass
@@ -609,7 +609,7 @@ class HTTPConnection:
             expired = self.expired  # a 408 is answered and counted by run()
             if expired is None or expired == SEND:  # a client that took nothing: 499
                 status = 499 if expired else status
-                self._count(request, status, self.state.stats.bytes_out - sent_before)
+                self.count(request, status, self.state.stats.bytes_out - sent_before)
         return True
 
     def _check_head(self, request: RequestHead, headers: Fields) -> tuple[int, str] | None:
@@ -673,7 +673,7 @@ class HTTPConnection:
             return (413, "request body too large")
         return None
 
-    def _count(self, request: RequestHead | None, status: int, sent: int) -> None:
+    def count(self, request: RequestHead | None, status: int, sent: int) -> None:
         """Count a request once (stats, access log)."""
         if self.counted:
             return
@@ -728,9 +728,9 @@ class HTTPConnection:
         before = self.state.stats.bytes_out
         self.started = self.started or self.started_at()
         await self._send_error(status, detail)
-        self._count(self.request, status, self.state.stats.bytes_out - before)
+        self.count(self.request, status, self.state.stats.bytes_out - before)
 
-    async def _answer_late(self, status: int, detail: str) -> None:
+    async def answer_late(self, status: int, detail: str) -> None:
         """An error answer after the connection's scope has ended, in a scope of its own
         that the sweeper can cancel too: a client that does not read gets send_timeout."""
         self.scope = trio.CancelScope()
@@ -772,10 +772,10 @@ async def _answer_expired(http: HTTPConnection) -> bool:
     """The request's head or body did not come in time: 408, unless a response has begun
     (then it is only counted). True: the close lingers."""
     if http.response_started:  # too late to say so: count it, then drop
-        http._count(http.request, 408, 0)
+        http.count(http.request, 408, 0)
     else:
         what = "head" if http.expired == HEAD else "body"
-        await http._answer_late(408, f"request {what} not received in time")
+        await http.answer_late(408, f"request {what} not received in time")
     return True
 
 
@@ -881,9 +881,13 @@ async def _close_tls(stream: trio.SSLStream[Any], linger: bool) -> None:
         try:
             if linger:
                 await stream.unwrap()
-            else:
+            elif hasattr(stream, "_https_compatible"):
+                # trio's private flag (set by https_compatible=True): unset, aclose()
+                # sends the close_notify it would otherwise skip
                 stream._https_compatible = False
                 await stream.aclose()
+            else:  # a trio without the flag: unwrap() sends it (and awaits the client's)
+                await stream.unwrap()
         except _CLOSE_ERRORS:
             pass
     if linger and isinstance(transport, trio.SocketStream):

@@ -104,7 +104,7 @@ class HttptoolsConnection(HTTPConnection):
             if head is not None:
                 self.conn = head  # type: ignore[assignment]  # (a stand-in, as above)
                 return head
-            conn = self.conn = HTTPConnection._fresh(self, b"")
+            conn = self.conn = super()._fresh(b"")
         conn.receive_data(data)
         return conn.next_event()
 

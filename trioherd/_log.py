@@ -88,6 +88,11 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
+class HerdHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler trioherd installs (told apart from the app's own handlers, so
+    that a second set-up replaces it)."""
+
+
 def setup_logging(
     level: str, tag: str, log_format: str = "text", worker: int | None = None
 ) -> logging.Handler:
@@ -95,10 +100,9 @@ def setup_logging(
     replaces one an earlier call installed."""
     root = logging.getLogger("trioherd")
     for handler in list(root.handlers):
-        if getattr(handler, "_trioherd", False):
+        if isinstance(handler, HerdHandler):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._trioherd = True  # type: ignore[attr-defined]
+    handler = HerdHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JSONFormatter(worker))
     else:

@@ -68,7 +68,7 @@ class Herd:
         self._next_id = 1
         self._nursery: trio.Nursery | None = None
         self._progress = trio.Event()
-        self._events = EventHub()
+        self.hub = EventHub()  # its events: subscribe (as events() does) or observe
         self._stopping = False
         self._stopped = trio.Event()
         self._boot_failures = 0
@@ -110,7 +110,7 @@ class Herd:
         """Every worker event (of ``kind``, if given) from this call on; messages that no
         earlier subscriber took come first (see _events). A reader 1000 events behind
         misses the newest."""
-        return self._events.subscribe(kind)
+        return self.hub.subscribe(kind)
 
     def messages(self) -> AsyncIterator[HerdEvent]:
         """What workers sent with ``send_to_primary()``: events whose ``data`` is the object."""
@@ -243,7 +243,7 @@ class Herd:
             with trio.move_on_after(5):
                 await worker.wait()
         self.handoff.close()
-        self._events.close()
+        self.hub.close()
 
     @property
     def _tasks(self) -> trio.Nursery:
@@ -489,7 +489,7 @@ class Herd:
     # -- events ------------------------------------------------------------------------
 
     def _publish(self, kind: str, worker: WorkerProcess, data: Any = None) -> None:
-        self._events.publish(worker.event(kind, data))
+        self.hub.publish(worker.event(kind, data))
 
     def _notify(self, state: str) -> None:
         if self.on_state_change is not None:

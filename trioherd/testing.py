@@ -78,7 +78,7 @@ async def open_herd(
                 failure = exc
             if herd is not None:
                 pids.update(worker.pid for worker in herd.workers)
-                herd._events.observe(_online(pids))
+                herd.hub.observe(_online(pids))
                 try:
                     yield herd
                 except BaseException as exc:  # the test's own error: raised as it is
