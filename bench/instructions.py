@@ -49,12 +49,12 @@ def serve_and_ask(requests: int) -> None:
     measured = os.environ.get("TRIOHERD_MEASURED", "")
     if not Path(trioherd.__file__).resolve().is_relative_to(measured):
         sys.exit(f"imported {trioherd.__file__}, not the package in {measured}")
-    from trioherd._asgi import ASGIAdapter
     from trioherd._config import make_config
-    from trioherd._http import ServerState
-    from trioherd._httptools import HttptoolsConnection
-    from trioherd._rawstream import EdgeWaiter
-    from trioherd._worker import _plain_handler
+    from trioherd.apps.asgi import ASGIAdapter
+    from trioherd.protocols.http1 import ServerState
+    from trioherd.protocols.httptools import HttptoolsConnection
+    from trioherd.protocols.rawstream import EdgeWaiter
+    from trioherd.worker.main import _plain_handler
 
     async def main() -> None:
         state = ServerState(make_config(access_log=False, max_requests_per_connection=0))

@@ -4,7 +4,7 @@
 
 - h11: a fresh ``h11.Connection``, ``receive_data``, ``next_event`` (what trioherd does
   per request with ``--http h11``);
-- llhttp: ``trioherd._httptools.plain_head`` (what it does with ``--http httptools``:
+- llhttp: ``trioherd.protocols.httptools.plain_head`` (what it does with ``--http httptools``:
   the request line regex, a fresh llhttp parser through httptools, the header list);
 - gunicorn: a fresh ``gunicorn.asgi.parser.PythonProtocol`` fed the same bytes (gunicorn's
   own Python parser, ``--http-parser python``), when gunicorn ≥ 24 is installed.
@@ -38,7 +38,7 @@ def with_h11() -> None:
 def candidates() -> dict[str, Callable[[], None]]:
     found: dict[str, Callable[[], None]] = {"h11": with_h11}
     try:
-        from trioherd._httptools import plain_head
+        from trioherd.protocols.httptools import plain_head
     except ImportError:
         print("llhttp: httptools is not installed (pip install 'trioherd[httptools]')")
     else:

@@ -23,7 +23,7 @@ import trio
 
 import trioherd
 from trioherd import testing
-from trioherd._control import control_dir
+from trioherd.primary.control import control_dir
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

@@ -18,7 +18,10 @@ import trio
 
 import trioherd
 from helpers import ROOT, TESTS, CLIHerd, open_herd, unique_name, wait_until
-from trioherd import _cli, _control, _metrics, _reload
+from trioherd import _cli
+from trioherd.primary import control as _control
+from trioherd.primary import metrics as _metrics
+from trioherd.primary import reload as _reload
 from trioherd.testing import LeftoverError
 from trioherd.testing import open_herd as open_test_herd
 

@@ -27,8 +27,8 @@ from helpers import (
 )
 from trioherd import _ipc
 from trioherd._config import Config
-from trioherd._process import _WORKER_COMMAND
 from trioherd._tally import Tally
+from trioherd.primary.process import _WORKER_COMMAND
 
 
 async def pid_of_new_connection(herd: trioherd.Herd) -> int:
@@ -165,7 +165,7 @@ def test_sigkill_of_the_primary_leaves_no_worker(cli_herd: Any) -> None:
     assert wait_until(lambda: all(gone(pid) for pid in pids), 2.0)
     # a SIGKILLed primary cannot remove its control socket; the next herd of that name
     # does (tested in test_operations); here the test tidies up after itself
-    from trioherd._control import socket_path
+    from trioherd.primary.control import socket_path
 
     stale = Path(socket_path(herd.name))
     assert stale.exists()

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._app import Headers as Headers
-from ._app import Request as Request
-from ._app import Response as Response
-from ._app import stream_handler as stream_handler
 from ._config import Config as Config
 from ._errors import ConfigError as ConfigError
 from ._errors import IPCProtocolError as IPCProtocolError
@@ -20,32 +16,36 @@ from ._errors import ReloadError as ReloadError
 from ._errors import StoppedBeforeReady as StoppedBeforeReady
 from ._errors import TrioherdError as TrioherdError
 from ._errors import WorkerBootError as WorkerBootError
-from ._worker import WorkerInfo as WorkerInfo
-from ._worker import current_worker as current_worker
-from ._worker import receive_from_primary as receive_from_primary
-from ._worker import send_to_primary as send_to_primary
+from .apps.loading import Headers as Headers
+from .apps.loading import Request as Request
+from .apps.loading import Response as Response
+from .apps.loading import stream_handler as stream_handler
+from .worker.main import WorkerInfo as WorkerInfo
+from .worker.main import current_worker as current_worker
+from .worker.main import receive_from_primary as receive_from_primary
+from .worker.main import send_to_primary as send_to_primary
 
 if TYPE_CHECKING:
     from ._cli import run as run
-    from ._events import HerdEvent as HerdEvent
-    from ._primary import Herd as Herd
-    from ._process import WorkerProcess as WorkerProcess
-    from ._process import WorkerState as WorkerState
     from ._serve import serve as serve
-    from ._websocket import WebSocket as WebSocket
-    from ._websocket import WebSocketClosed as WebSocketClosed
+    from .primary.events import HerdEvent as HerdEvent
+    from .primary.herd import Herd as Herd
+    from .primary.process import WorkerProcess as WorkerProcess
+    from .primary.process import WorkerState as WorkerState
+    from .protocols.websocket import WebSocket as WebSocket
+    from .protocols.websocket import WebSocketClosed as WebSocketClosed
 
 # The primary's side is imported on first use: a worker process never needs it, and every
 # module a worker does not import is memory each of N workers does not spend.
 _LAZY = {
     "run": "_cli",
-    "Herd": "_primary",
-    "HerdEvent": "_events",
-    "WorkerProcess": "_process",
-    "WorkerState": "_process",
+    "Herd": "primary.herd",
+    "HerdEvent": "primary.events",
+    "WorkerProcess": "primary.process",
+    "WorkerState": "primary.process",
     "serve": "_serve",
-    "WebSocket": "_websocket",  # wsproto is loaded by a worker's first WebSocket
-    "WebSocketClosed": "_websocket",
+    "WebSocket": "protocols.websocket",  # wsproto is loaded by a worker's first WebSocket
+    "WebSocketClosed": "protocols.websocket",
 }
 
 

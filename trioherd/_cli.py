@@ -20,12 +20,12 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import _control
 from ._config import OPTIONS, Config, Option, build_config, make_config
 from ._errors import ConfigError, StoppedBeforeReady, WorkerBootError
 from ._log import announce, plural, setup_logging
-from ._primary import Herd
 from ._serve import serve
+from .primary import control as _control
+from .primary.herd import Herd
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 
 from ._errors import ConfigError
-from ._forwarded import check_spec
+from .protocols.forwarded import check_spec
 
 DISPATCH_POLICIES = ("round-robin", "least-busy", "shared")
 INTERFACES = ("auto", "native", "asgi", "stream")
@@ -411,7 +411,7 @@ class Config:
     control: bool = True
     control_dir: str | None = None
     """Directory of the control socket; None: ``$XDG_RUNTIME_DIR/trioherd``, else
-    ``<tmp>/trioherd-<uid>`` (``_control.control_dir``)."""
+    ``<tmp>/trioherd-<uid>`` (``primary.control.control_dir``)."""
     handle_signals: bool = False
     listen_fds: bool = True
 

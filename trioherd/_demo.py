@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from ._app import Request, Response
-from ._worker import current_worker
+from .apps.loading import Request, Response
+from .worker.main import current_worker
 
 NO_STORE = {"cache-control": "no-store"}
 

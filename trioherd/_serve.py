@@ -1,9 +1,9 @@
 """``serve()``: a herd with everything around it, composed through public methods.
 
 The pieces, each in its own module: the listeners (``_listeners``), the hand-off of
-accepted connections (``_handoff``), the herd that supervises the workers (``_primary``),
-the control socket (``_control``), Prometheus metrics (``_metrics``), signals (here) and
-systemd's notify socket (``_systemd``).
+accepted connections (``primary.handoff``), the herd that supervises the workers
+(``primary.herd``), the control socket (``primary.control``), Prometheus metrics
+(``primary.metrics``), signals (here) and systemd's notify socket (``primary.systemd``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import signal
 
 import trio
 
-from . import _aio, _reload, _tls
+from . import _tls
 from ._config import Config
-from ._control import start_control_server
 from ._errors import ReloadError, StoppedBeforeReady, WorkerBootError
-from ._handoff import Handoff
 from ._listeners import open_listeners, raise_open_files_limit
-from ._metrics import serve_metrics
-from ._primary import Herd
-from ._systemd import Notifier
+from .primary import reload as _reload
+from .primary.control import start_control_server
+from .primary.handoff import Handoff
+from .primary.herd import Herd
+from .primary.metrics import serve_metrics
+from .primary.systemd import Notifier
+from .worker import aio as _aio
 
 log = logging.getLogger("trioherd.primary")
 

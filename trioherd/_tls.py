@@ -45,7 +45,7 @@ def server_context(config: Config) -> ssl.SSLContext:
     match the certificate, an encrypted key without its password or with a wrong one.
     """
     if config.ssl_context_factory:
-        from ._app import load
+        from .apps.loading import load
 
         factory = load(config.ssl_context_factory)
         context = factory()

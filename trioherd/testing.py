@@ -31,9 +31,9 @@ from typing import Any
 import trio
 
 from ._config import make_config
-from ._events import HerdEvent
-from ._primary import Herd
 from ._serve import serve
+from .primary.events import HerdEvent
+from .primary.herd import Herd
 
 __all__ = ["LeftoverError", "open_herd"]
 

@@ -7,7 +7,7 @@ import os
 import trio
 
 import trioherd
-from trioherd import _worker
+from trioherd.worker import main as _worker
 
 
 @trioherd.stream_handler

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from trioherd._config import Config
-from trioherd._http import APP, IDLE, SEND, HTTPConnection, ServerState
-from trioherd._rawstream import RawSocketStream
+from trioherd.protocols.http1 import APP, IDLE, SEND, HTTPConnection, ServerState
+from trioherd.protocols.rawstream import RawSocketStream
 
 pytestmark = pytest.mark.trio
 

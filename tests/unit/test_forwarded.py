@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trioherd._forwarded import TrustedPeers, apply, check_spec
+from trioherd.protocols.forwarded import TrustedPeers, apply, check_spec
 
 PROXY = ("127.0.0.1", 40000)
 STRANGER = ("203.0.113.9", 40000)

@@ -8,7 +8,7 @@ import email.utils
 import h11
 import pytest
 
-from trioherd._framing import (
+from trioherd.protocols.framing import (
     InvalidResponse,
     ResponseFraming,
     header_list,
@@ -184,7 +184,7 @@ def test_fields_checked_before_are_still_checked_by_name_and_value_together() ->
 
 
 def test_the_memory_of_checked_fields_is_bounded() -> None:
-    from trioherd import _framing
+    from trioherd.protocols import framing as _framing
 
     for n in range(_framing._CHECKED_MAX + 10):  # all different values: each one is new
         framing().complete(200, [(b"x-n", b"%d" % n)], b"")
@@ -305,7 +305,7 @@ def test_a_refused_response_does_not_spoil_the_error_answer_after_it() -> None:
 
 
 def test_a_head_made_again_from_memory_is_the_same_head_with_the_same_decision() -> None:
-    from trioherd import _framing
+    from trioherd.protocols import framing as _framing
 
     _framing._HEADS.clear()
     cases = [
@@ -345,7 +345,7 @@ def test_a_field_refused_once_is_refused_every_time() -> None:
 def test_heads_in_memory_carry_the_date_of_now_and_are_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from trioherd import _framing
+    from trioherd.protocols import framing as _framing
 
     now = [1_800_000_000.0]
     monkeypatch.setattr(_framing.time, "time", lambda: now[0])

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioherd._framing import header_list
-from trioherd._httptools import plain_head
+from trioherd.protocols.framing import header_list
+from trioherd.protocols.httptools import plain_head
 
 
 def h11_reading(data: bytes) -> tuple[Any, ...] | None:

@@ -16,9 +16,22 @@ MAX_FUNCTION_LINES = 60
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {
-        path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(PACKAGE.glob("*.py"))
-    }
+    """Every module of the package by its dotted name under ``trioherd`` (``_config``,
+    ``primary.handoff``, ``primary`` for a subpackage's ``__init__``)."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1] or ("__init__",)
+        modules[".".join(parts)] = ast.parse(path.read_text(), str(path))
+    return modules
+
+
+def _package_of(name: str) -> list[str]:
+    """The package a module is in, as parts under ``trioherd`` ([] for the top)."""
+    parts = name.split(".")
+    is_package = (PACKAGE.joinpath(*parts) / "__init__.py").exists()
+    return parts if is_package and name != "__init__" else parts[:-1]
 
 
 def _spans(tree: ast.Module, kinds: tuple[type[ast.AST], ...]) -> Iterator[tuple[str, int]]:
@@ -41,26 +54,38 @@ def test_no_class_over_450_lines_and_no_function_over_60() -> None:
     assert too_long == []
 
 
-def _imports(tree: ast.Module) -> set[str]:
-    """Sibling modules imported anywhere in the module, lazy and TYPE_CHECKING ones too."""
+def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The package's modules that module ``name`` imports, anywhere in it (lazy and
+    TYPE_CHECKING imports too), by dotted name."""
     found: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trioherd."):
-            found.add((node.module or "").split(".")[1])
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = _package_of(name)[: len(_package_of(name)) - node.level + 1]
+        elif (node.module or "").startswith("trioherd."):
+            base = []
+        else:
+            continue
+        module = (node.module or "").removeprefix("trioherd.") if not node.level else node.module
+        target = [*base, *(module.split(".") if module else [])]
+        for alias in node.names:  # from . import x: x may be a module
+            candidate = ".".join([*target, alias.name])
+            if candidate in known:
+                found.add(candidate)
+        if ".".join(target) in known:
+            found.add(".".join(target))
     return found
 
 
 def test_no_import_cycles_among_the_package_modules() -> None:
     modules = _modules()
-    graph = {name: _imports(tree) & modules.keys() for name, tree in modules.items()}
+    known = set(modules)
+    graph = {name: _imports(name, tree, known) for name, tree in modules.items()}
     graph.pop("__init__")  # the package front imports everything and nothing imports it
     for edges in graph.values():
         edges.discard("__init__")
+        edges -= {"primary", "worker", "protocols", "apps"}  # subpackage fronts: docstrings
     cycles = []
     for start in graph:
         stack = [(start, [start])]
@@ -103,12 +128,12 @@ def test_no_private_name_is_imported_from_a_sibling_module() -> None:
 # x._name reaches into objects that are not our own, each forced by a dependency
 REACHES_ALLOWED = {
     # os._exit is the documented way to end a process without clean-up
-    ("_worker", "os._exit"),
+    ("worker.main", "os._exit"),
     # socket._accept returns the raw fd without building a socket object per connection
     ("_listeners", "sock._accept"),
     # trio's flag set by https_compatible=True: unset so that aclose() sends close_notify
     # (guarded by hasattr; without it unwrap() does)
-    ("_http", "stream._https_compatible"),
+    ("protocols.http1", "stream._https_compatible"),
 }
 
 
@@ -130,3 +155,24 @@ def test_no_reach_into_another_objects_private_names() -> None:
             found.add((name, ast.unparse(node)))
     assert found - REACHES_ALLOWED == set()
     assert REACHES_ALLOWED - found == set()  # an entry nothing needs any more goes
+
+
+SIDES = {"worker": ("worker", "protocols", "apps"), "primary": ("primary",)}
+
+
+def test_the_package_has_its_rooms_and_the_worker_side_never_imports_the_primary() -> None:
+    """At least three subpackages, and nothing a worker runs (``worker``, ``protocols``,
+    ``apps``) imports the primary's side: a worker process never loads it."""
+    modules = _modules()
+    subpackages = {name for name in modules if "." not in name and _package_of(name) == [name]}
+    assert len(subpackages - {"__init__"}) >= 3, subpackages
+    known = set(modules)
+    wrong = []
+    for name, tree in modules.items():
+        if name.split(".")[0] in SIDES["worker"]:
+            wrong += [
+                f"{name} imports {target}"
+                for target in _imports(name, tree, known)
+                if target.split(".")[0] in SIDES["primary"]
+            ]
+    assert wrong == []

@@ -8,7 +8,7 @@ import struct
 import pytest
 import trio
 
-from trioherd._proxyproto import NeedData, ProxyProtocolError, parse, read_header
+from trioherd.protocols.proxyproto import NeedData, ProxyProtocolError, parse, read_header
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 

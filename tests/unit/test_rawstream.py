@@ -1,4 +1,4 @@
-"""The worker's edge-triggered wait for the next request (``_rawstream.EdgeWaiter``), in
+"""The worker's edge-triggered wait for the next request (``protocols.rawstream.EdgeWaiter``), in
 process over real socket pairs: it wakes a reader when data comes, remembers data that
 came while nobody waited, lets a cancelled wait go, and never leaves unread data waiting
 for an edge that will not come. And ``RawSocketStream.send_all``: the answers of one pass
@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioherd._rawstream import RECEIVE_SIZE, EdgeWaiter, RawSocketStream
+from trioherd.protocols.rawstream import RECEIVE_SIZE, EdgeWaiter, RawSocketStream
 
 pytestmark = pytest.mark.trio
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import attrs
 
 from trioherd._policy import Dispatcher
-from trioherd._transit import ACK_DEADLINE, PAUSE_AFTER, WINDOW, Skip, Transit
+from trioherd.primary.transit import ACK_DEADLINE, PAUSE_AFTER, WINDOW, Skip, Transit
 
 
 def test_batches_are_numbered_and_acknowledged_in_order() -> None:

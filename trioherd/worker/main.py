@@ -1,4 +1,4 @@
-"""The worker process, started as ``python -c "import trioherd._worker as w; w.main()" --fd N
+"""The worker process, started as ``python -c "import trioherd.worker.main as w; w.main()" --fd N
 --conn-fd M --ppid P`` (not ``-m``, which would run this module a second time as
 ``__main__`` and give the app a different ``current_worker()``).
 
@@ -39,18 +39,20 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from . import _aio, _app, _ipc
-from ._asgi import ASGIAdapter
-from ._config import Config, http_parser
-from ._errors import ConfigError, IPCProtocolError
-from ._http import Adapter, HTTPConnection, ServerState
-from ._listeners import accept_fd
-from ._log import capture_output, setup_logging
-from ._native import NativeAdapter
-from ._policy import recycle_threshold
-from ._proxyproto import ProxyProtocolError, read_header
-from ._rawstream import EdgeWaiter, RawSocketStream
-from ._tally import Tally
+from .. import _ipc
+from .._config import Config, http_parser
+from .._errors import ConfigError, IPCProtocolError
+from .._listeners import accept_fd
+from .._log import capture_output, setup_logging
+from .._policy import recycle_threshold
+from .._tally import Tally
+from ..apps import loading as _app
+from ..apps.asgi import ASGIAdapter
+from ..apps.native import NativeAdapter
+from ..protocols.http1 import Adapter, HTTPConnection, ServerState
+from ..protocols.proxyproto import ProxyProtocolError, read_header
+from ..protocols.rawstream import EdgeWaiter, RawSocketStream
+from . import aio as _aio
 
 log = logging.getLogger("trioherd.worker")
 
@@ -170,7 +172,7 @@ class Worker:
         if self.config.asyncio:  # an asyncio-only ASGI app, in a trio-asyncio loop
             app = _aio.wrap(app, interface)
         if self.config.tls:
-            from ._tls import server_context, share_ticket_keys
+            from .._tls import server_context, share_ticket_keys
 
             self.ssl_context = server_context(self.config)
             if not self.config.ssl_context_factory:  # a factory's context is used as it is
@@ -461,7 +463,7 @@ async def _main(fd: int, conn_fd: int) -> None:
     async with _aio.loop(config), trio.open_nursery() as nursery:
         lifespan = None
         if interface == "asgi":
-            from ._lifespan import Lifespan
+            from ..apps.lifespan import Lifespan
 
             lifespan = Lifespan(app, worker.state.asgi_state)
             error = await lifespan.startup(nursery)
@@ -508,7 +510,7 @@ def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
 def _connection_class(config: Config) -> type[HTTPConnection]:
     """The request parser (``--http``), chosen once per worker."""
     if http_parser(config) == "httptools":
-        from ._httptools import HttptoolsConnection
+        from ..protocols.httptools import HttptoolsConnection
 
         return HttptoolsConnection
     return HTTPConnection
@@ -531,7 +533,7 @@ def _stream_handler(app: Any, ssl_context: Any, config: Config) -> Handler:
         stream: trio.abc.Stream = plain
         try:
             if ssl_context is not None:
-                from ._tls import handshake
+                from .._tls import handshake
 
                 secured = await handshake(plain, ssl_context, config.tls_handshake_timeout)
                 if secured is None:
@@ -576,7 +578,7 @@ def _tls_handler(
     state: ServerState, adapter: Adapter, ssl_context: Any, connection: type[HTTPConnection]
 ) -> Handler:
     """HTTPS: the TLS handshake in the connection's task, then HTTP over trio's SSLStream."""
-    from ._tls import handshake
+    from .._tls import handshake
 
     config = state.config
 
@@ -598,7 +600,7 @@ def _tls_handler(
 def _plain_handler(
     state: ServerState, adapter: Adapter, connection: type[HTTPConnection]
 ) -> Handler:
-    """Plain HTTP over a raw non-blocking socket (see ``_rawstream``)."""
+    """Plain HTTP over a raw non-blocking socket (see ``protocols.rawstream``)."""
     config = state.config
 
     async def handle(sock: socket.socket) -> None:
@@ -618,7 +620,7 @@ def _plain_handler(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="trioherd._worker")
+    parser = argparse.ArgumentParser(prog="trioherd.worker.main")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--ppid", type=int, required=True)

@@ -1,4 +1,4 @@
-"""The ASGI 3 app interface for requests: the ``http`` scope (lifespan is ``_lifespan``).
+"""The ASGI 3 app interface for requests: the ``http`` scope (lifespan is ``apps.lifespan``).
 
 :class:`ASGIAdapter` builds the scope of each request and runs the app with the
 ``receive``/``send`` pair of an :class:`ASGIExchange`, which holds that one request's
@@ -13,8 +13,8 @@ from urllib.parse import unquote
 
 import trio
 
-from ._framing import as_fields
-from ._http import BodyReader, ClientGone, HTTPConnection, RequestHead
+from ..protocols.framing import as_fields
+from ..protocols.http1 import BodyReader, ClientGone, HTTPConnection, RequestHead
 
 ASGIApp = Callable[..., Awaitable[None]]
 Message = dict[str, Any]
@@ -34,7 +34,7 @@ _TARGET_MAX = 256
 
 
 class ASGIAdapter:
-    """Serves an ASGI 3 app; one per worker (see ``_http.Adapter``).
+    """Serves an ASGI 3 app; one per worker (see ``protocols.http1.Adapter``).
 
     ``lifespan_state`` is the dict lifespan startup filled; each request's scope gets a
     shallow copy of it, as the spec asks.
@@ -47,8 +47,8 @@ class ASGIAdapter:
         self.lifespan_state = lifespan_state
 
     async def __call__(self, http: HTTPConnection, request: RequestHead) -> int:
-        if http.upgrade:  # maybe a WebSocket: a "websocket" scope (_websocket, loaded then)
-            from ._websocket import serve_asgi
+        if http.upgrade:  # maybe a WebSocket: a "websocket" scope (loaded only then)
+            from ..protocols.websocket import serve_asgi
 
             status = await serve_asgi(self, http, request)
             if status:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._errors import ConfigError, ReloadError
-from ._listeners import unix_socket_in_use
+from .._errors import ConfigError, ReloadError
+from .._listeners import unix_socket_in_use
 
 if TYPE_CHECKING:
-    from ._primary import Herd
+    from .herd import Herd
 
 log = logging.getLogger("trioherd.control")
 

@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._config import Config
-from ._errors import ReloadError
-from ._handoff import Handoff
-from ._process import Slot, WorkerProcess, WorkerState
+from .._config import Config
+from .._errors import ReloadError
+from .handoff import Handoff
+from .process import Slot, WorkerProcess, WorkerState
 
 log = logging.getLogger("trioherd.primary")
 

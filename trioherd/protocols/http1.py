@@ -1,8 +1,8 @@
 """HTTP/1.1 in the worker: one task per connection, an h11 state machine, no task per request.
 
 The layout: this module reads requests (h11) and owns the connection, its deadlines and
-its errors; ``_framing`` turns a response into bytes (sans I/O) and holds the keep-alive
-decision; an adapter (``_native``, ``_asgi``), chosen once per worker, runs the app for
+its errors; ``protocols.framing`` turns a response into bytes (sans I/O) and holds the keep-alive
+decision; an adapter (``apps.native``, ``apps.asgi``), chosen once per worker, runs the app for
 one request and writes its response through :meth:`HTTPConnection.send_complete`, or
 :meth:`HTTPConnection.head` and :meth:`HTTPConnection.send` with ``framing.body`` and
 ``framing.end``.
@@ -42,11 +42,11 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from ._config import Config
-from ._forwarded import TrustedPeers
-from ._forwarded import apply as apply_forwarded
-from ._framing import Fields, ResponseFraming, header_list, reason
-from ._rawstream import RECEIVE_SIZE, EdgeWaiter, RawSocketStream
+from .._config import Config
+from .forwarded import TrustedPeers
+from .forwarded import apply as apply_forwarded
+from .framing import Fields, ResponseFraming, header_list, reason
+from .rawstream import RECEIVE_SIZE, EdgeWaiter, RawSocketStream
 
 log = logging.getLogger("trioherd.http")
 access_log = logging.getLogger("trioherd.access")
@@ -84,7 +84,7 @@ class Stats:
         self.bytes_out = 0
         self.shed = 0  # idle keep-alive connections closed to make room (ServerState.shed)
         self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100
-        self.ws_open = 0  # WebSockets open now (_websocket)
+        self.ws_open = 0  # WebSockets open now (protocols.websocket)
         self.ws_in = 0  # WebSocket messages received
         self.ws_out = 0  # WebSocket messages sent
 
@@ -115,7 +115,7 @@ class ServerState:
         self.connections: set[HTTPConnection] = set()
         self.asgi_state: dict[str, Any] = {}
         self.on_request: Callable[[], None] | None = None
-        self.websockets: set[Any] = set()  # open WebSockets (_websocket.WebSocket)
+        self.websockets: set[Any] = set()  # open WebSockets (protocols.websocket.WebSocket)
         self.trusted = TrustedPeers(config.forwarded_allow_ips)  # whose forwarded headers
         self.edge: EdgeWaiter | None = None  # plain connections wait on it (the worker's)
         # trio.current_time, or once the sweeper runs the run's clock's own method: the
@@ -396,7 +396,7 @@ class HTTPConnection:
         self.scope.cancel()
         return True
 
-    # -- the parser: h11 here; a subclass may read some requests another way (_httptools) --
+    # -- the parser: h11 here; a subclass may read some requests another way (httptools) --
 
     def _fresh(self, leftover: bytes) -> h11.Connection:
         """The parser of the next request, given the bytes of it already received."""
@@ -643,7 +643,7 @@ class HTTPConnection:
                 if forwarded
                 else (peer, own)
             )
-        self.upgrade = upgrade  # asks to switch protocols: a WebSocket? (see _websocket)
+        self.upgrade = upgrade  # asks to switch protocols: a WebSocket? (see protocols.websocket)
         self.bodyless = bodyless = not chunked and not content_length
         version = request.http_version
         limit = config.max_requests_per_connection

@@ -28,8 +28,8 @@ from typing import Any
 import h11
 import httptools
 
-from ._framing import Fields
-from ._http import HTTPConnection
+from .framing import Fields
+from .http1 import HTTPConnection
 
 _REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+) ([\x21-\x7e]+) HTTP/(1\.[01])\r\n")
 _H11_ONLY = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._config import Config
-from ._errors import ConfigError, ReloadError
+from .._config import Config
+from .._errors import ConfigError, ReloadError
 
 if TYPE_CHECKING:
-    from ._primary import Herd
+    from .herd import Herd
 
 log = logging.getLogger("trioherd.reload")
 

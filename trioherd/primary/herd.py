@@ -4,7 +4,7 @@ Task layout (all in the herd's own nursery, opened by :meth:`Herd.run`):
 - one supervising task per worker process: it reads the worker's channel, watches its
   heartbeat, waits for the process to exit (pidfd), and asks ``_policy.after_exit`` what
   happens next;
-- the hand-off (``_handoff``): accept loops and fd passing, started once every slot has a
+- the hand-off (``primary.handoff``): accept loops and fd passing, started once every slot has a
   ready worker;
 - respawn tasks sleeping through a slot's back-off, recycle tasks.
 
@@ -26,21 +26,16 @@ from typing import Any
 
 import trio
 
-from . import _ipc
-from ._config import Config
-from ._errors import (
-    IPCProtocolError,
-    ReloadError,
-    StoppedBeforeReady,
-    WorkerBootError,
-)
-from ._events import EventHub, HerdEvent
-from ._handoff import Handoff
-from ._log import plural
-from ._policy import after_exit, backoff_delay, free_indexes
-from ._process import Slot, WorkerProcess, WorkerState, spawn, worker_env
-from ._recycle import Recycler
-from ._tls import new_ticket_keys
+from .. import _ipc
+from .._config import Config
+from .._errors import IPCProtocolError, ReloadError, StoppedBeforeReady, WorkerBootError
+from .._log import plural
+from .._policy import after_exit, backoff_delay, free_indexes
+from .._tls import new_ticket_keys
+from .events import EventHub, HerdEvent
+from .handoff import Handoff
+from .process import Slot, WorkerProcess, WorkerState, spawn, worker_env
+from .recycle import Recycler
 
 log = logging.getLogger("trioherd.primary")
 
@@ -108,7 +103,7 @@ class Herd:
 
     def events(self, kind: str | None = None) -> AsyncIterator[HerdEvent]:
         """Every worker event (of ``kind``, if given) from this call on; messages that no
-        earlier subscriber took come first (see _events). A reader 1000 events behind
+        earlier subscriber took come first (see primary.events). A reader 1000 events behind
         misses the newest."""
         return self.hub.subscribe(kind)
 

@@ -1,7 +1,7 @@
 """Sans-IO bookkeeping of the connections on their way to one worker, and the rules that
 say when a worker falls behind.
 
-Nothing here touches a socket or a clock: the hand-off (``_handoff``) passes the time and
+Nothing here touches a socket or a clock: the hand-off (``primary.handoff``) passes the time and
 what it read from the worker's tally, and does the I/O the answers call for. So the
 back-pressure rules are tested synchronously (tests/unit/test_transit.py).
 

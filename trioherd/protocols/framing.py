@@ -85,7 +85,7 @@ def header_list(request: h11.Request | Any) -> Fields:
     h11's Headers is a Sequence whose iteration goes through ``__getitem__`` one item at a
     time; its own list of items is read directly when it is there (it is in h11 0.14 to
     0.16), which makes a measurable difference at thousands of requests a second. A
-    request read by llhttp (``_httptools``) has its plain list already."""
+    request read by llhttp (``protocols.httptools``) has its plain list already."""
     headers = request.headers
     if type(headers) is list:
         return headers

@@ -2,7 +2,7 @@
 
 :class:`WorkerProcess` is what ``herd.workers`` lists; :class:`Slot` is a stable place in
 the herd that successive worker processes fill (PM2's NODE_APP_INSTANCE). Nothing here
-decides anything: the herd (``_primary``) supervises, the hand-off (``_handoff``) counts
+decides anything: the herd (``primary.herd``) supervises, the hand-off (``primary.handoff``) counts
 connections, and the policy (``_policy``) says what an exit means.
 
 Workers are spawned with ``subprocess.Popen`` from the thread that runs the primary's Trio
@@ -27,19 +27,20 @@ from typing import Any
 import attrs
 import trio
 
-from . import _ipc, _sched
-from ._config import Config
-from ._errors import IPCProtocolError
-from ._events import HerdEvent
-from ._listeners import Listener
-from ._policy import ExitFacts, request_limit, should_recycle
-from ._tally import Tally
+from .. import _ipc
+from .._config import Config
+from .._errors import IPCProtocolError
+from .._listeners import Listener
+from .._policy import ExitFacts, request_limit, should_recycle
+from .._tally import Tally
+from . import sched as _sched
+from .events import HerdEvent
 
 log = logging.getLogger("trioherd.primary")
 
 KILL_MARGIN = 2.0
 
-_WORKER_COMMAND = "import trioherd._worker as w; w.main()"
+_WORKER_COMMAND = "import trioherd.worker.main as w; w.main()"
 
 
 @attrs.define(eq=False)

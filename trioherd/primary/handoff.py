@@ -20,10 +20,10 @@ The promise: **no accepted connection is lost**, whatever happens to a worker.
 - A worker that drains (stop, reload, recycle, scale-down, SIGTERM): the primary stops
   sending to it and queues an end marker behind its last batch; the worker serves
   everything before the marker, then stops reading.
-- Back-pressure (``_transit``): a worker holds at most a window of connections
+- Back-pressure (``primary.transit``): a worker holds at most a window of connections
   unacknowledged and gets more as it acknowledges; one slow to acknowledge is paused (no
   new connections, nothing taken back) until it does; one that makes no progress at all
-  for :data:`~trioherd._transit.ACK_DEADLINE`, or whose heartbeat is overdue, is stalled:
+  for :data:`~trioherd.primary.transit.ACK_DEADLINE`, or whose heartbeat is overdue, is stalled:
   its queue is recalled and dispatched elsewhere, and it is readmitted as soon as it is
   heard from. When no worker has room the primary stops accepting: new clients wait in the
   kernel's accept queue.
@@ -39,13 +39,14 @@ import socket
 
 import trio
 
-from . import _ipc, _sched
-from ._config import Config
-from ._errors import IPCProtocolError
-from ._listeners import Listener, accept_fd, defer_accept, queued_connections
-from ._policy import Dispatcher
-from ._process import WorkerProcess, WorkerState
-from ._transit import WINDOW, Batch, Skip, Transit
+from .. import _ipc
+from .._config import Config
+from .._errors import IPCProtocolError
+from .._listeners import Listener, accept_fd, defer_accept, queued_connections
+from .._policy import Dispatcher
+from . import sched as _sched
+from .process import WorkerProcess, WorkerState
+from .transit import WINDOW, Batch, Skip, Transit
 
 log = logging.getLogger("trioherd.primary")
 
@@ -117,7 +118,7 @@ class Handoff:
 
     def settle(self) -> None:
         """Read every tally: close the copies of the batches workers acknowledged, and
-        pause or stall the workers that fall behind (``_transit``)."""
+        pause or stall the workers that fall behind (``primary.transit``)."""
         now = trio.current_time()
         for worker, transit in list(self._transit.items()):
             if transit.batches:

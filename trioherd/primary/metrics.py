@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import _ipc
-from ._config import parse_host_port
-from ._errors import ConfigError
-from ._process import WorkerState
+from .. import _ipc
+from .._config import parse_host_port
+from .._errors import ConfigError
+from .process import WorkerState
 
 if TYPE_CHECKING:
-    from ._primary import Herd
+    from .herd import Herd
 
 log = logging.getLogger("trioherd.metrics")
 

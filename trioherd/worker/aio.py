@@ -24,8 +24,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ._config import Config
-from ._errors import ConfigError
+from .._config import Config
+from .._errors import ConfigError
 
 log = logging.getLogger("trioherd.worker")
 

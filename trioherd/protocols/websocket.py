@@ -8,7 +8,7 @@ while its head is checked, so other requests pay nothing):
 - :func:`read_handshake` reads the handshake from the request head (None: not a WebSocket
   request, or ``--ws none``: plain HTTP); a malformed one is refused before the app runs
   (400, 426 with ``Sec-WebSocket-Version: 13``; 503 while the worker drains);
-- the adapter (``_asgi``, ``_native``) runs the app with an :class:`Upgrade`, which the app
+- the adapter (``apps.asgi``, ``apps.native``) runs the app with an :class:`Upgrade`, which the app
   accepts (the 101 response, then a :class:`WebSocket`) or refuses (403, or a full HTTP
   response: ASGI's ``websocket.http.response`` extension, a native ``Response``);
 - a :class:`WebSocket` is one open connection: the app's task reads and feeds wsproto
@@ -44,9 +44,9 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, 
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
-from ._framing import Fields, check_field, http_date, reason
-from ._http import ClientGone, HTTPConnection, RequestHead
-from ._rawstream import RECEIVE_SIZE, RawSocketStream
+from .framing import Fields, check_field, http_date, reason
+from .http1 import ClientGone, HTTPConnection, RequestHead
+from .rawstream import RECEIVE_SIZE, RawSocketStream
 
 log = logging.getLogger("trioherd.http")
 

@@ -12,13 +12,13 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
-from ._app import Headers, Request, Response
-from ._framing import Fields
-from ._http import BodyReader, HTTPConnection, RequestHead
+from ..protocols.framing import Fields
+from ..protocols.http1 import BodyReader, HTTPConnection, RequestHead
+from .loading import Headers, Request, Response
 
 
 class NativeAdapter:
-    """Serves a native app; one per worker (see ``_http.Adapter``)."""
+    """Serves a native app; one per worker (see ``protocols.http1.Adapter``)."""
 
     __slots__ = ("app",)
 
@@ -28,8 +28,8 @@ class NativeAdapter:
     async def __call__(
         self, http: HTTPConnection, request: RequestHead, upgrade: Any = None
     ) -> int:
-        if http.upgrade and upgrade is None:  # maybe a WebSocket (_websocket, loaded then)
-            from ._websocket import serve_native
+        if http.upgrade and upgrade is None:  # maybe a WebSocket (its module loaded only then)
+            from ..protocols.websocket import serve_native
 
             status = await serve_native(self, http, request)  # calls us with its Upgrade
             if status:
@@ -62,7 +62,7 @@ class NativeAdapter:
 
 def make_request(http: HTTPConnection, request: RequestHead, upgrade: Any = None) -> Request:
     """The native Request for a request head read on ``http`` (``upgrade``: the WebSocket
-    handshake it asks for, ``_websocket.Upgrade``)."""
+    handshake it asks for, ``protocols.websocket.Upgrade``)."""
     target = request.target.decode("latin-1")
     path, _, query = target.partition("?")
     return Request(

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 if TYPE_CHECKING:
-    from ._websocket import WebSocket
+    from ..protocols.websocket import WebSocket
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,7 +90,7 @@ class Request:
     """TLS facts when served over HTTPS: ``version``, ``cipher``, ``alpn`` and
     ``peer_subject`` (the client certificate's subject, when one was given)."""
     _reader: AsyncIterable[bytes] | None = attrs.field(default=None, repr=False)
-    _upgrade: Any = attrs.field(default=None, repr=False)  # _websocket.Upgrade
+    _upgrade: Any = attrs.field(default=None, repr=False)  # protocols.websocket.Upgrade
 
     @property
     def websocket(self) -> bool:
