@@ -320,7 +320,7 @@ def test_pings_are_answered_while_the_app_is_busy(serve: Any) -> None:
 
 
 def test_handshake_details() -> None:
-    from trioherd.protocols.websocket import _negotiate_deflate, _valid_key
+    from trioherd.protocols.ws_handshake import _negotiate_deflate, _valid_key
 
     assert _valid_key(KEY) and not _valid_key(b"dGhlIHNhbXBsZQ==") and not _valid_key(b"!!")
     assert _negotiate_deflate(["x-webkit-deflate-frame", "permessage-deflate"]) is not None

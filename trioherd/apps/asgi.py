@@ -48,7 +48,7 @@ class ASGIAdapter:
 
     async def __call__(self, http: HTTPConnection, request: RequestHead) -> int:
         if http.upgrade:  # maybe a WebSocket: a "websocket" scope (loaded only then)
-            from ..protocols.websocket import serve_asgi
+            from .websocket import serve_asgi
 
             status = await serve_asgi(self, http, request)
             if status:

@@ -29,7 +29,7 @@ class NativeAdapter:
         self, http: HTTPConnection, request: RequestHead, upgrade: Any = None
     ) -> int:
         if http.upgrade and upgrade is None:  # maybe a WebSocket (its module loaded only then)
-            from ..protocols.websocket import serve_native
+            from .websocket import serve_native
 
             status = await serve_native(self, http, request)  # calls us with its Upgrade
             if status:

@@ -1,16 +1,17 @@
-"""WebSocket (RFC 6455) in the worker: the opening handshake read from the request h11
-parsed, the frame protocol of wsproto, and both app interfaces on top of one session.
+"""WebSocket (RFC 6455) in the worker: one session on the frame protocol of wsproto.
 
 The layout, one request that asks for a WebSocket (``Connection: upgrade`` and
 ``Upgrade: websocket``; ``HTTPConnection.upgrade`` flags a request with an ``Upgrade`` field
 while its head is checked, so other requests pay nothing):
 
-- :func:`read_handshake` reads the handshake from the request head (None: not a WebSocket
-  request, or ``--ws none``: plain HTTP); a malformed one is refused before the app runs
-  (400, 426 with ``Sec-WebSocket-Version: 13``; 503 while the worker drains);
-- the adapter (``apps.asgi``, ``apps.native``) runs the app with an :class:`Upgrade`, which the app
-  accepts (the 101 response, then a :class:`WebSocket`) or refuses (403, or a full HTTP
-  response: ASGI's ``websocket.http.response`` extension, a native ``Response``);
+- ``protocols.ws_handshake.read_handshake`` reads the handshake from the request head
+  (None: not a WebSocket request, or ``--ws none``: plain HTTP); a malformed one is
+  refused before the app runs (400, 426 with ``Sec-WebSocket-Version: 13``; 503 while
+  the worker drains);
+- the app interface (``apps.websocket``: ``serve_asgi``, ``serve_native``) runs the app
+  with an :class:`Upgrade` (here), which the app accepts (the 101 response, then a
+  :class:`WebSocket`) or refuses (403, or a full HTTP response: ASGI's
+  ``websocket.http.response`` extension, a native ``Response``);
 - a :class:`WebSocket` is one open connection: the app's task reads and feeds wsproto
   while it waits in ``receive``, a watcher task while it does not (see :class:`_Core`);
   pings are answered, the close handshake run; a keepalive task pings the client; sends
@@ -28,25 +29,22 @@ accepting closes with 1011 and one log line.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
 import contextlib
 import logging
 import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, Pong, TextMessage
-from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.utilities import LocalProtocolError, generate_accept_token
+from wsproto.utilities import LocalProtocolError
 
-from .framing import Fields, check_field, http_date, reason
-from .http1 import ClientGone, HTTPConnection, RequestHead
+from .http1 import HTTPConnection
 from .rawstream import RECEIVE_SIZE, RawSocketStream
+from .ws_handshake import Handshake
 
 log = logging.getLogger("trioherd.http")
 
@@ -65,13 +63,6 @@ _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
-_OURS = (b"upgrade", b"connection", b"sec-websocket-accept", b"sec-websocket-extensions")
-_DEFLATE_PARAMS = {
-    "client_no_context_takeover",
-    "server_no_context_takeover",
-    "client_max_window_bits",
-    "server_max_window_bits",
-}
 
 
 class WebSocketClosed(ConnectionError):
@@ -85,169 +76,6 @@ class WebSocketClosed(ConnectionError):
         super().__init__(f"WebSocket closed with {code}" + (f" ({reason})" if reason else ""))
         self.code = code
         self.reason = reason
-
-
-# -- the handshake ----------------------------------------------------------------------
-
-
-class Handshake:
-    """A request that asks for a WebSocket, as read from its head (RFC 6455 4.2.1)."""
-
-    __slots__ = ("extensions", "key", "refusal", "subprotocols")
-
-    def __init__(
-        self,
-        key: bytes,
-        subprotocols: list[str],
-        extensions: list[str],
-        refusal: tuple[int, str, Fields] | None,
-    ) -> None:
-        self.key = key
-        self.subprotocols = subprotocols
-        self.extensions = extensions
-        self.refusal = refusal  # (status, why, extra headers): answered before the app runs
-
-    def response(
-        self, subprotocol: str | None, headers: Iterable[tuple[bytes, bytes]], deflate: bool
-    ) -> tuple[bytes, list[Extension]]:
-        """The 101 response head accepting it, and the extensions agreed on."""
-        if subprotocol is not None and subprotocol not in self.subprotocols:
-            raise RuntimeError(
-                f"WebSocket subprotocol {subprotocol!r} was not offered by the client "
-                f"(offered: {self.subprotocols})"
-            )
-        parts = [
-            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-            b"sec-websocket-accept: %s\r\n" % generate_accept_token(self.key)
-        ]
-        if subprotocol is not None:
-            parts.append(b"sec-websocket-protocol: %s\r\n" % subprotocol.encode("latin-1"))
-        extensions: list[Extension] = []
-        agreed = _negotiate_deflate(self.extensions) if deflate else None
-        if agreed is not None:
-            parts.append(b"sec-websocket-extensions: %s\r\n" % agreed[0])
-            extensions.append(agreed[1])
-        has_date = has_server = False
-        for name, value in headers:
-            lowered = name.lower()
-            check_field(name, value)
-            if lowered == b"sec-websocket-protocol":
-                raise RuntimeError("choose the WebSocket subprotocol with subprotocol=")
-            if lowered in _OURS:
-                continue
-            has_date = has_date or lowered == b"date"
-            has_server = has_server or lowered == b"server"
-            parts.append(b"%s: %s\r\n" % (name, value))
-        if not has_date:
-            parts.append(b"date: %s\r\n" % http_date())
-        if not has_server:
-            parts.append(b"server: trioherd\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts), extensions
-
-
-def read_handshake(http: HTTPConnection, request: RequestHead) -> Handshake | None:
-    """The WebSocket handshake a request asks for; None if it asks for none (or ``--ws
-    none``): it is then served as plain HTTP."""
-    if http.state.config.ws == "none":
-        return None
-    upgrade = connection = False
-    keys: list[bytes] = []
-    version = None
-    subprotocols: list[str] = []
-    extensions: list[str] = []
-    for name, value in http.headers:
-        if name == b"upgrade":
-            upgrade = upgrade or b"websocket" in _tokens(value)
-        elif name == b"connection":
-            connection = connection or b"upgrade" in _tokens(value)
-        elif name == b"sec-websocket-key":
-            keys.append(value.strip())
-        elif name == b"sec-websocket-version":
-            version = value.strip()
-        elif name == b"sec-websocket-protocol":
-            subprotocols.extend(_items(value))
-        elif name == b"sec-websocket-extensions":
-            extensions.extend(_items(value))
-    if not (upgrade and connection):
-        return None
-    refusal: tuple[int, str, Fields] | None = None
-    if request.method != b"GET" or request.http_version != b"1.1" or not http.bodyless:
-        refusal = (400, "a WebSocket handshake is an HTTP/1.1 GET without a body", [])
-    elif version != b"13":
-        refusal = (426, f"WebSocket version {version!r}", [(b"sec-websocket-version", b"13")])
-    elif len(keys) != 1 or not _valid_key(keys[0]):
-        refusal = (400, "bad Sec-WebSocket-Key", [])
-    elif http.state.draining:
-        refusal = (503, "the worker is shutting down", [(b"retry-after", b"1")])
-    return Handshake(keys[0] if keys else b"", subprotocols, extensions, refusal)
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    return [token.strip() for token in value.lower().split(b",")]
-
-
-def _items(value: bytes) -> list[str]:
-    return [item.strip() for item in value.decode("latin-1").split(",") if item.strip()]
-
-
-def _valid_key(key: bytes) -> bool:
-    try:
-        return len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        return False
-
-
-def _negotiate_deflate(offers: list[str]) -> tuple[bytes, PerMessageDeflate] | None:
-    """The first permessage-deflate offer we can take (RFC 7692): the header value of our
-    answer, and the extension configured for it; None if there is none."""
-    for offer in offers:
-        name, _, params = offer.partition(";")
-        if name.strip() != "permessage-deflate" or not _acceptable_deflate(params):
-            continue
-        extension = PerMessageDeflate()
-        try:
-            agreed = extension.accept(offer)
-        except ValueError:
-            continue
-        if agreed is None or agreed is False:
-            continue
-        header = b"permessage-deflate"
-        if isinstance(agreed, str) and agreed:
-            header += b"; " + agreed.encode("ascii")
-        return header, extension
-    return None
-
-
-def _acceptable_deflate(params: str) -> bool:
-    """RFC 7692 7.1: decline an offer with an unknown or repeated parameter, or a window
-    size we cannot use (zlib's raw deflate takes 9 to 15)."""
-    seen = set()
-    for param in params.split(";"):
-        name, eq, value = (part.strip() for part in param.partition("="))
-        if not name:
-            continue
-        if name not in _DEFLATE_PARAMS or name in seen:
-            return False
-        seen.add(name)
-        value = value.strip('"')
-        if name.endswith("window_bits"):
-            if eq and not (value.isdigit() and 9 <= int(value) <= 15):
-                return False
-            if not eq and name == "server_max_window_bits":
-                return False
-        elif eq:
-            return False
-    return True
-
-
-async def _refuse(http: HTTPConnection, status: int, detail: str, extra: Fields) -> int:
-    """An HTTP answer instead of a WebSocket (the connection closes after it)."""
-    body = b"%d %s\n" % (status, reason(status))
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), *extra]
-    await http.send_complete(status, headers, body)
-    log.debug("%d to %s: %s", status, http.client, detail)
-    return status
 
 
 # -- one open WebSocket -------------------------------------------------------------------
@@ -845,153 +673,3 @@ class Upgrade:
                 self.http.state.stats.ws_open -= 1
         if error is not None and self.websocket is None:
             raise error
-
-
-# -- the app interfaces -------------------------------------------------------------------
-
-
-class ASGIHost(Protocol):
-    """What the ASGI adapter lends: the app, and the ``http`` scope of a request."""
-
-    app: Callable[..., Awaitable[None]]
-
-    def http_scope(self, http: HTTPConnection, request: RequestHead) -> dict[str, Any]: ...
-
-
-class NativeHost(Protocol):
-    """The native adapter, called again with the request's Upgrade."""
-
-    async def __call__(
-        self, http: HTTPConnection, request: RequestHead, upgrade: Any = None
-    ) -> int: ...
-
-
-async def serve_native(adapter: NativeHost, http: HTTPConnection, request: RequestHead) -> int:
-    """Serve a request that may ask for a WebSocket; 0 if it does not (plain HTTP)."""
-    handshake = read_handshake(http, request)
-    if handshake is None:
-        return 0
-    http.framing.keep_alive = False  # after a WebSocket, or a refusal, the connection ends
-    if handshake.refusal is not None:
-        return await _refuse(http, *handshake.refusal)
-    upgrade = Upgrade(http, handshake)
-    status = 0
-
-    async def app() -> None:
-        nonlocal status
-        status = await adapter(http, request, upgrade)
-
-    await upgrade.run(app, request.target)
-    return 101 if upgrade.websocket is not None else status
-
-
-async def serve_asgi(adapter: ASGIHost, http: HTTPConnection, request: RequestHead) -> int:
-    """Serve a request that may ask for a WebSocket with a ``websocket`` scope; 0 if it
-    does not (plain HTTP)."""
-    handshake = read_handshake(http, request)
-    if handshake is None:
-        return 0
-    http.framing.keep_alive = False
-    if handshake.refusal is not None:
-        return await _refuse(http, *handshake.refusal)
-    upgrade = Upgrade(http, handshake)
-    scope = adapter.http_scope(http, request)
-    scope["type"] = "websocket"
-    scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
-    scope["scheme"] = "wss" if http.scheme == "https" else "ws"
-    del scope["method"]
-    scope["subprotocols"] = handshake.subprotocols
-    scope.setdefault("extensions", {})["websocket.http.response"] = {}
-    exchange = ASGIWebSocket(upgrade)
-    app = adapter.app
-    await upgrade.run(lambda: app(scope, exchange.receive, exchange.send), request.target)
-    if upgrade.websocket is not None:
-        return 101
-    if not exchange.status:
-        raise RuntimeError("ASGI app returned without accepting or refusing the WebSocket")
-    if not exchange.answered.is_set():
-        raise ClientGone()  # the app stopped in the middle of its HTTP response
-    return exchange.status
-
-
-class ASGIWebSocket:
-    """The ``receive`` and ``send`` of one ASGI ``websocket`` scope (spec 2.4, with the
-    ``websocket.http.response`` extension)."""
-
-    __slots__ = ("answered", "connected", "pending", "status", "upgrade")
-
-    def __init__(self, upgrade: Upgrade) -> None:
-        self.upgrade = upgrade
-        self.connected = False  # websocket.connect was received
-        self.status = 0  # the HTTP status the app answered with instead (403, a denial)
-        self.pending: Fields | None = None  # websocket.http.response.start's headers
-        self.answered = trio.Event()  # accepted, or the HTTP answer is complete
-
-    async def receive(self) -> dict[str, Any]:
-        if not self.connected:
-            self.connected = True
-            return {"type": "websocket.connect"}
-        websocket = self.upgrade.websocket
-        if websocket is None:
-            await self.answered.wait()
-            websocket = self.upgrade.websocket
-            if websocket is None:
-                return {"type": "websocket.disconnect", "code": ABNORMAL, "reason": ""}
-        try:
-            message = await websocket.receive()
-        except WebSocketClosed as closed:
-            return {"type": "websocket.disconnect", "code": closed.code, "reason": closed.reason}
-        if type(message) is str:
-            return {"type": "websocket.receive", "text": message}
-        return {"type": "websocket.receive", "bytes": message}
-
-    async def send(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        websocket = self.upgrade.websocket
-        if kind == "websocket.send" and websocket is not None:
-            data = message.get("bytes")
-            if data is None:
-                data = message.get("text")
-                if data is None:
-                    raise RuntimeError("websocket.send without bytes or text")
-            await websocket.send(data)
-        elif kind == "websocket.close":
-            if websocket is not None:
-                await websocket.close(
-                    int(message.get("code") or NORMAL), message.get("reason") or ""
-                )
-            elif not self.status:  # before accepting: 403, and no WebSocket
-                self.status = 403
-                await _refuse(self.upgrade.http, 403, "the app closed the WebSocket", [])
-                self.answered.set()
-        elif kind == "websocket.accept" and websocket is None and not self.status:
-            headers = [(bytes(n), bytes(v)) for n, v in message.get("headers") or ()]
-            await self.upgrade.accept(message.get("subprotocol"), headers)
-            self.answered.set()
-        elif kind == "websocket.http.response.start" and websocket is None and not self.status:
-            self.status = int(message["status"])
-            self.pending = [(bytes(n), bytes(v)) for n, v in message.get("headers") or ()]
-        elif kind == "websocket.http.response.body" and self.status and websocket is None:
-            await self._deny(bytes(message.get("body", b"")), bool(message.get("more_body")))
-        else:
-            raise RuntimeError(f"unexpected ASGI message {kind!r} in this WebSocket state")
-
-    async def _deny(self, body: bytes, more: bool) -> None:
-        """Part of the HTTP response the app answers with instead of accepting."""
-        if self.answered.is_set():
-            return
-        http = self.upgrade.http
-        if self.pending is not None:
-            headers, self.pending = self.pending, None
-            if not more:
-                await http.send_complete(self.status, headers, body)
-                self.answered.set()
-                return
-            data = http.head(self.status, headers, None) + http.framing.body(body)
-        else:
-            data = http.framing.body(body)
-        if not more:
-            data += http.framing.end()
-            self.answered.set()
-        if data:
-            await http.send(data)
