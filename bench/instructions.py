@@ -51,9 +51,9 @@ def serve_and_ask(requests: int) -> None:
         sys.exit(f"imported {trioherd.__file__}, not the package in {measured}")
     from trioherd._config import make_config
     from trioherd.apps.asgi import ASGIAdapter
-    from trioherd.protocols.http1 import ServerState
     from trioherd.protocols.httptools import HttptoolsConnection
     from trioherd.protocols.rawstream import EdgeWaiter
+    from trioherd.protocols.state import ServerState
     from trioherd.worker.main import _plain_handler
 
     async def main() -> None:

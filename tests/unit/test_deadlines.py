@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from trioherd._config import Config
-from trioherd.protocols.http1 import APP, IDLE, SEND, HTTPConnection, ServerState
+from trioherd.protocols.http1 import HTTPConnection
 from trioherd.protocols.rawstream import RawSocketStream
+from trioherd.protocols.state import APP, IDLE, SEND, ServerState
 
 pytestmark = pytest.mark.trio
 

@@ -133,7 +133,7 @@ REACHES_ALLOWED = {
     ("_listeners", "sock._accept"),
     # trio's flag set by https_compatible=True: unset so that aclose() sends close_notify
     # (guarded by hasattr; without it unwrap() does)
-    ("protocols.http1", "stream._https_compatible"),
+    ("protocols.closing", "stream._https_compatible"),
 }
 
 

@@ -28,174 +28,32 @@ connection is dropped; either way one log line with the traceback and the worker
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import re
-import socket
-import struct
-import termios
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import h11
 import trio
 
-from .._config import Config
-from .forwarded import TrustedPeers
+from .closing import close_stream, queued_bytes
 from .forwarded import apply as apply_forwarded
 from .framing import Fields, ResponseFraming, header_list, reason
-from .rawstream import RECEIVE_SIZE, EdgeWaiter, RawSocketStream
+from .rawstream import RECEIVE_SIZE, RawSocketStream
+from .state import APP, BODY, HEAD, IDLE, SEND, ServerState
 
 log = logging.getLogger("trioherd.http")
 access_log = logging.getLogger("trioherd.access")
 
-DRAIN_GRACE = 1.0
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 1024 * 1024
 SEND_PIECE = 65536  # over TLS a response is sent in pieces of this size (see write)
 SOON_MAX = 16384  # answers up to this size may be handed to the flusher (send_soon)
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 _CLOSE_ERRORS = (OSError, trio.BusyResourceError, *_STREAM_ERRORS)
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 finds the end of a head
 _NO_SCOPE = trio.CancelScope()  # never entered: cancelling it does nothing
 _FORWARDED = frozenset((b"forwarded", b"x-forwarded-for", b"x-forwarded-proto"))
-
-
-class Stats:
-    """Counters of one worker, sent to the primary with every heartbeat."""
-
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "requests",
-        "shed",
-        "status",
-        "ws_in",
-        "ws_open",
-        "ws_out",
-    )
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.shed = 0  # idle keep-alive connections closed to make room (ServerState.shed)
-        self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100
-        self.ws_open = 0  # WebSockets open now (protocols.websocket)
-        self.ws_in = 0  # WebSocket messages received
-        self.ws_out = 0  # WebSocket messages sent
-
-    def snapshot(self) -> dict[str, Any]:
-        """The counters in the heartbeat's shape (``_ipc.COUNTERS``, ``STATUS`` and the
-        ``websockets`` of ``WORKER_COUNTS``; the worker adds ``open``)."""
-        return {
-            "requests": self.requests,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "shed": self.shed,
-            "status": {f"{i}xx": n for i, n in enumerate(self.status) if i and n},
-            "websockets": self.ws_open,
-            "ws_messages_in": self.ws_in,
-            "ws_messages_out": self.ws_out,
-        }
-
-
-class ServerState:
-    """What every connection of one worker shares: config, stats, the drain switch."""
-
-    def __init__(self, config: Config, worker_id: int = 0) -> None:
-        self.config = config
-        self.worker_id = worker_id
-        self.stats = Stats()
-        self.draining = False
-        self.drain_grace = min(DRAIN_GRACE, config.graceful_timeout)
-        self.connections: set[HTTPConnection] = set()
-        self.asgi_state: dict[str, Any] = {}
-        self.on_request: Callable[[], None] | None = None
-        self.websockets: set[Any] = set()  # open WebSockets (protocols.websocket.WebSocket)
-        self.trusted = TrustedPeers(config.forwarded_allow_ips)  # whose forwarded headers
-        self.edge: EdgeWaiter | None = None  # plain connections wait on it (the worker's)
-        # trio.current_time, or once the sweeper runs the run's clock's own method: the
-        # same time, without the two calls in between (it is read for every request)
-        self.now: Callable[[], float] = trio.current_time
-        shortest = min(
-            config.keep_alive_timeout or 1.0, config.header_timeout, config.send_timeout, 1.0
-        )
-        self.sweep_interval = max(0.01, shortest / 4)
-        # idle crowds: from 90 % of max_connections open, close idle ones until below 80 %
-        self.shed_at = (9 * config.max_connections + 9) // 10
-        self.shed_below = (8 * config.max_connections + 9) // 10
-
-    def idle_wait(self) -> float:
-        """How long a connection waits for its next request: the keep-alive timeout, or
-        during a drain the short drain grace."""
-        return self.drain_grace if self.draining else self.config.keep_alive_timeout
-
-    def start_draining(self) -> None:
-        """From now on responses carry ``Connection: close``; idle connections get the
-        short drain grace for a request that may already be on its way, then close."""
-        self.draining = True
-        deadline = trio.current_time() + self.drain_grace
-        for connection in self.connections:
-            if connection.phase == IDLE:
-                connection.deadline = min(connection.deadline, deadline)
-        for websocket in list(self.websockets):
-            websocket.going_away()  # close frame 1001, websocket.disconnect to the app
-
-    async def sweep(self) -> None:
-        """Enforce every connection's phase deadline (idle, head, body, send), and thin
-        out idle crowds (see :meth:`shed`).
-
-        One timer task per worker instead of a cancel scope per read: the hot path only
-        writes a number. A deadline is enforced within ``sweep_interval`` of passing.
-        """
-        self.now = trio.lowlevel.current_clock().current_time
-        while True:
-            await trio.sleep(self.sweep_interval)
-            now = self.now()
-            connections = self.connections
-            for connection in connections:
-                if connection.phase == SEND:
-                    connection.check_send(now)
-                if connection.deadline <= now:
-                    connection.expire()
-            if len(connections) >= self.shed_at and not self.draining:
-                self.shed()
-
-    def shed(self) -> int:
-        """Close idle keep-alive connections (waiting for their next request, after at
-        least one), the longest idle first, until fewer than 80 % of ``max_connections``
-        are open: a crowd of idle clients must not keep new ones out. One log line."""
-        connections = self.connections
-        excess = len(connections) - self.shed_below + 1
-        idle = [
-            connection
-            for connection in connections
-            if connection.phase == IDLE and connection.served and connection.expired is None
-        ]
-        idle.sort(key=_idle_since)  # the same wait for all: the first deadline idled first
-        # as if their keep-alive timeout had run out
-        closing = [connection for connection in idle[:excess] if connection.expire()]
-        if closing:
-            self.stats.shed += len(closing)
-            log.warning(
-                "%d of max %d connections open: closed %d idle keep-alive connections",
-                len(connections),
-                self.config.max_connections,
-                len(closing),
-            )
-        return len(closing)
-
-
-def _idle_since(connection: HTTPConnection) -> float:
-    return connection.deadline
-
-
-# Phases of a connection, each with its own deadline (see ServerState.sweep)
-IDLE, HEAD, BODY, APP, SEND = range(5)
 
 
 class BodyTooLarge(Exception):
@@ -445,7 +303,7 @@ class HTTPConnection:
         look, the client took some, and ``send_timeout`` starts again. (Writability alone
         would not say: it comes only once a third of the send buffer is free, which
         takes a slow reader longer than the timeout with a big buffer.)"""
-        queued = _queued(self.stream)
+        queued = queued_bytes(self.stream)
         if queued != self.send_mark:
             self.send_mark = queued
             self.deadline = now + self.state.config.send_timeout
@@ -494,7 +352,7 @@ class HTTPConnection:
             pass
         finally:
             state.connections.discard(self)
-            await _close(self.stream, linger, reset=self.expired == SEND)
+            await close_stream(self.stream, linger, reset=self.expired == SEND)
 
     async def _serve_requests(self) -> bool:
         """Serve requests until the connection ends; True if its close must linger: after
@@ -808,30 +666,6 @@ def _access_log(http: HTTPConnection, request: RequestHead | None, status: int, 
     )
 
 
-async def _close(stream: trio.abc.Stream, linger: bool, reset: bool) -> None:
-    """Close a connection. ``linger``: first half-close and read what the client still
-    sends, for a moment, so that the kernel does not answer it with a reset that would
-    destroy what we sent before the client reads it. Over TLS a ``close_notify`` comes
-    first, always. ``reset``: the client stopped taking our data (send timeout)."""
-    if reset:
-        _reset_on_close(stream)
-        await trio.aclose_forcefully(stream)
-        return
-    if isinstance(stream, RawSocketStream):
-        if stream.pending:  # an answer the flusher has not written yet: it goes first
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
-                await stream.flush_pending()
-        if linger:
-            await _linger(stream)
-        stream.close()
-        return
-    if isinstance(stream, trio.SSLStream):
-        await _close_tls(stream, linger)
-    elif linger and isinstance(stream, trio.SocketStream):
-        await _linger(stream)
-    await trio.aclose_forcefully(stream)
-
-
 async def _send_timed(http: HTTPConnection, data: bytes) -> None:
     """Send over a stream that cannot say when it stalls (TLS): in pieces, each of which
     must go within ``send_timeout``; the sweeper also watches the kernel's queue."""
@@ -851,69 +685,3 @@ async def _send_timed(http: HTTPConnection, data: bytes) -> None:
     finally:
         http.phase = APP
         http.deadline = math.inf
-
-
-async def _linger(stream: trio.abc.HalfCloseableStream) -> None:
-    """Half-close, then read and drop what the client still sends: until it closes too,
-    for at most LINGER_SECONDS and LINGER_BYTES."""
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
-        try:
-            await stream.send_eof()
-            drained = 0
-            while drained < LINGER_BYTES:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    break
-                drained += len(data)
-        except _CLOSE_ERRORS:
-            pass
-
-
-async def _close_tls(stream: trio.SSLStream[Any], linger: bool) -> None:
-    """Send our ``close_notify``, within LINGER_SECONDS, then close (lingering if asked).
-
-    trio's SSLStream skips the ``close_notify`` in ``aclose()`` when ``https_compatible``
-    is set (we set it so that clients need not send theirs), so it is unset first. To
-    linger, ``unwrap()`` sends it and then reads until the client answers with its own,
-    closes, or sends more data; then the TCP connection lingers as a plain one does."""
-    transport = stream.transport_stream
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
-        try:
-            if linger:
-                await stream.unwrap()
-            elif hasattr(stream, "_https_compatible"):
-                # trio's private flag (set by https_compatible=True): unset, aclose()
-                # sends the close_notify it would otherwise skip
-                stream._https_compatible = False
-                await stream.aclose()
-            else:  # a trio without the flag: unwrap() sends it (and awaits the client's)
-                await stream.unwrap()
-        except _CLOSE_ERRORS:
-            pass
-    if linger and isinstance(transport, trio.SocketStream):
-        await _linger(transport)
-    await trio.aclose_forcefully(transport)
-
-
-def _socket_of(stream: trio.abc.Stream) -> Any:
-    """The socket under ``stream`` (a stdlib or trio one), or None."""
-    return getattr(getattr(stream, "transport_stream", stream), "socket", None)
-
-
-def _queued(stream: trio.abc.Stream) -> int:
-    """Bytes the kernel holds for the client (SIOCOUTQ: not sent, or not acknowledged
-    yet); -1 if that cannot be known."""
-    try:
-        found = fcntl.ioctl(_socket_of(stream).fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (AttributeError, OSError, ValueError):
-        return -1
-    return int(struct.unpack("i", found)[0])
-
-
-def _reset_on_close(stream: trio.abc.Stream) -> None:
-    """Make closing ``stream`` send a reset: the kernel drops what the client did not
-    take, instead of holding it (and the connection) for a client that does not read."""
-    try:
-        _socket_of(stream).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    except (AttributeError, OSError):
-        pass

@@ -49,9 +49,10 @@ from .._tally import Tally
 from ..apps import loading as _app
 from ..apps.asgi import ASGIAdapter
 from ..apps.native import NativeAdapter
-from ..protocols.http1 import Adapter, HTTPConnection, ServerState
+from ..protocols.http1 import Adapter, HTTPConnection
 from ..protocols.proxyproto import ProxyProtocolError, read_header
 from ..protocols.rawstream import EdgeWaiter, RawSocketStream
+from ..protocols.state import ServerState
 from . import aio as _aio
 
 log = logging.getLogger("trioherd.worker")

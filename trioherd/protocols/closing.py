@@ -1,0 +1,112 @@
+"""How a connection ends: a close that lingers so that the client reads what was sent, a
+TLS close with ``close_notify``, a reset for a client that stopped reading, and what the
+kernel still holds for the client. No protocol here: only the stream and its socket.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+from typing import Any
+
+import trio
+
+from .rawstream import RECEIVE_SIZE, RawSocketStream
+
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1024 * 1024
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+_CLOSE_ERRORS = (OSError, trio.BusyResourceError, *_STREAM_ERRORS)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+async def close_stream(stream: trio.abc.Stream, linger: bool, reset: bool) -> None:
+    """Close a connection. ``linger``: first half-close and read what the client still
+    sends, for a moment, so that the kernel does not answer it with a reset that would
+    destroy what we sent before the client reads it. Over TLS a ``close_notify`` comes
+    first, always. ``reset``: the client stopped taking our data (send timeout)."""
+    if reset:
+        reset_on_close(stream)
+        await trio.aclose_forcefully(stream)
+        return
+    if isinstance(stream, RawSocketStream):
+        if stream.pending:  # an answer the flusher has not written yet: it goes first
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
+                await stream.flush_pending()
+        if linger:
+            await drain_client(stream)
+        stream.close()
+        return
+    if isinstance(stream, trio.SSLStream):
+        await close_tls(stream, linger)
+    elif linger and isinstance(stream, trio.SocketStream):
+        await drain_client(stream)
+    await trio.aclose_forcefully(stream)
+
+
+async def drain_client(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close, then read and drop what the client still sends: until it closes too,
+    for at most LINGER_SECONDS and LINGER_BYTES."""
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+        except _CLOSE_ERRORS:
+            pass
+
+
+async def close_tls(stream: trio.SSLStream[Any], linger: bool) -> None:
+    """Send our ``close_notify``, within LINGER_SECONDS, then close (lingering if asked).
+
+    trio's SSLStream skips the ``close_notify`` in ``aclose()`` when ``https_compatible``
+    is set (we set it so that clients need not send theirs), so it is unset first. To
+    linger, ``unwrap()`` sends it and then reads until the client answers with its own,
+    closes, or sends more data; then the TCP connection lingers as a plain one does."""
+    transport = stream.transport_stream
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
+        try:
+            if linger:
+                await stream.unwrap()
+            elif hasattr(stream, "_https_compatible"):
+                # trio's private flag (set by https_compatible=True): unset, aclose()
+                # sends the close_notify it would otherwise skip
+                stream._https_compatible = False
+                await stream.aclose()
+            else:  # a trio without the flag: unwrap() sends it (and awaits the client's)
+                await stream.unwrap()
+        except _CLOSE_ERRORS:
+            pass
+    if linger and isinstance(transport, trio.SocketStream):
+        await drain_client(transport)
+    await trio.aclose_forcefully(transport)
+
+
+def socket_of(stream: trio.abc.Stream) -> Any:
+    """The socket under ``stream`` (a stdlib or trio one), or None."""
+    return getattr(getattr(stream, "transport_stream", stream), "socket", None)
+
+
+def queued_bytes(stream: trio.abc.Stream) -> int:
+    """Bytes the kernel holds for the client (SIOCOUTQ: not sent, or not acknowledged
+    yet); -1 if that cannot be known."""
+    try:
+        found = fcntl.ioctl(socket_of(stream).fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (AttributeError, OSError, ValueError):
+        return -1
+    return int(struct.unpack("i", found)[0])
+
+
+def reset_on_close(stream: trio.abc.Stream) -> None:
+    """Make closing ``stream`` send a reset: the kernel drops what the client did not
+    take, instead of holding it (and the connection) for a client that does not read."""
+    try:
+        socket_of(stream).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    except (AttributeError, OSError):
+        pass
