@@ -262,3 +262,37 @@ async def test_a_close_writes_the_answer_handed_over_first() -> None:
         assert theirs.recv(100) == b"last answer"
         theirs.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_interrupted_wait_ends_and_after_resume_the_socket_serves_again() -> None:
+    """A deadline ends the task's wait through trio's notify_closing on a socket that stays
+    open (``interrupt``); after ``resume`` the same stream reads and writes again, with
+    trio's own wait too: notify_closing only drops trio's registration of the fd, and the
+    next wait registers it anew (the late 408 is sent this way)."""
+    ours, peer = socket.socketpair()
+    stream = RawSocketStream(ours)
+    try:
+        errors: list[type[BaseException]] = []
+
+        async def read() -> None:
+            try:
+                await stream.receive_some(RECEIVE_SIZE)
+            except trio.ClosedResourceError as exc:
+                errors.append(type(exc))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream.interrupt()  # the task was waiting: its wait ends
+        assert errors == [trio.ClosedResourceError]
+        stream.resume()
+        await stream.send_all(b"408 after all")
+        assert peer.recv(100) == b"408 after all"
+        peer.send(b"more")
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(ours)  # trio registers the fd anew
+            assert await stream.receive_some(RECEIVE_SIZE) == b"more"
+        assert not stream.interrupt()  # nobody waits now: nothing to end
+    finally:
+        stream.close()
+        peer.close()

@@ -186,6 +186,7 @@ class HTTPConnection:
         "leftover",
         "peer",
         "phase",
+        "raw",
         "request",
         "response_started",
         "scheme",
@@ -200,7 +201,6 @@ class HTTPConnection:
         "stream",
         "tls",
         "upgrade",
-        "watched",
     )
 
     def __init__(
@@ -229,8 +229,8 @@ class HTTPConnection:
         self.expired: int | None = None
         # a raw socket says when a send stalls (send_stalled) and its deadlines interrupt
         # its waits; other streams are timed in write() and their deadlines cancel a scope
-        self.watched = raw = isinstance(stream, RawSocketStream)
-        self.scope = _NO_SCOPE if raw else trio.CancelScope()
+        self.raw = raw = stream if isinstance(stream, RawSocketStream) else None
+        self.scope = _NO_SCOPE if raw is not None else trio.CancelScope()
         self.request: RequestHead | None = None
         self.headers: Fields = []
         self.bodyless = False
@@ -240,14 +240,15 @@ class HTTPConnection:
         self.served = 0  # requests read on this connection
         self.send_mark = -1  # what the kernel held for the client at the last look
         self.stalled_in = APP  # the phase a stalled send came from (send_stalled)
-        if raw:
-            stream.watch = self  # type: ignore[attr-defined]
+        if raw is not None:
+            raw.watch = self
 
     def expire(self) -> bool:
         """The current phase ran out of time: end whatever the connection awaits (a raw
         socket's wait, see RawSocketStream.interrupt; else its cancel scope). False if the
         raw socket's task is not waiting: not expired, it runs and moves on."""
-        if self.watched and not self.stream.interrupt():  # type: ignore[attr-defined]
+        raw = self.raw
+        if raw is not None and not raw.interrupt():
             return False
         self.expired = self.phase
         self.deadline = math.inf
@@ -283,8 +284,8 @@ class HTTPConnection:
 
     async def write(self, data: bytes) -> None:
         self.state.stats.bytes_out += len(data)
-        if self.watched:
-            await self.stream.send_all(data)
+        if self.raw is not None:
+            await self.raw.send_all(data)
         else:
             await _send_timed(self, data)
 
@@ -335,7 +336,7 @@ class HTTPConnection:
         linger = False
         try:
             try:
-                if self.watched:  # deadlines end its waits (expire): no scope needed
+                if self.raw is not None:  # deadlines end its waits (expire): no scope needed
                     linger = await self._serve_requests()
                 else:
                     with self.scope:
@@ -408,7 +409,8 @@ class HTTPConnection:
             self.deadline = state.now() + state.idle_wait()
         stream = self.stream
         # after a response on a raw socket, wait for the next request before reading
-        receive = stream.receive_next if self.served and self.watched else stream.receive_some  # type: ignore[attr-defined]
+        raw = self.raw
+        receive = raw.receive_next if self.served and raw is not None else stream.receive_some
         while True:
             data = bytes(await receive(RECEIVE_SIZE))
             first = self.phase == IDLE  # the first bytes of the request
@@ -569,13 +571,12 @@ class HTTPConnection:
         # the other answers of this pass, and this task goes straight back to waiting; the
         # connection's last answer goes at once (RawSocketStream.send_final)
         last = not self.framing.keep_alive
-        if self.watched and (
-            last or (len(data) <= SOON_MAX and self.stream.send_soon(data))  # type: ignore[attr-defined]
-        ):
+        raw = self.raw
+        if raw is not None and (last or (len(data) <= SOON_MAX and raw.send_soon(data))):
             self.response_started = True
             self.state.stats.bytes_out += len(data)
             if last:
-                await self.stream.send_final(data)  # type: ignore[attr-defined]
+                await raw.send_final(data)
             return
         await self.send(data)
 
@@ -592,8 +593,8 @@ class HTTPConnection:
         """An error answer after the connection's scope has ended, in a scope of its own
         that the sweeper can cancel too: a client that does not read gets send_timeout."""
         self.scope = trio.CancelScope()
-        if self.watched:
-            self.stream.resume()  # type: ignore[attr-defined]
+        if self.raw is not None:
+            self.raw.resume()
         with self.scope:
             await self._reject(status, detail)
 
