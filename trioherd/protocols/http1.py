@@ -42,7 +42,7 @@ from .closing import close_stream, queued_bytes
 from .forwarded import apply as apply_forwarded
 from .framing import Fields, ResponseFraming, header_list, reason
 from .rawstream import RECEIVE_SIZE, RawSocketStream
-from .state import APP, BODY, HEAD, IDLE, SEND, ServerState
+from .state import APP, BODY, HEAD, IDLE, SEND, Phase, ServerState
 
 log = logging.getLogger("trioherd.http")
 access_log = logging.getLogger("trioherd.access")
@@ -226,7 +226,7 @@ class HTTPConnection:
         self.sent_continue = False
         self.phase = IDLE
         self.deadline = math.inf
-        self.expired: int | None = None
+        self.expired: Phase | None = None
         # a raw socket says when a send stalls (send_stalled) and its deadlines interrupt
         # its waits; other streams are timed in write() and their deadlines cancel a scope
         self.raw = raw = stream if isinstance(stream, RawSocketStream) else None
@@ -468,7 +468,7 @@ class HTTPConnection:
         finally:
             expired = self.expired  # a 408 is answered and counted by run()
             if expired is None or expired == SEND:  # a client that took nothing: 499
-                status = 499 if expired else status
+                status = 499 if expired == SEND else status
                 self.count(request, status, self.state.stats.bytes_out - sent_before)
         return True
 

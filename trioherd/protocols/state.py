@@ -6,6 +6,7 @@ connection is anything :class:`Watched`: the sweeper needs its phase and deadlin
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -20,17 +21,33 @@ log = logging.getLogger("trioherd.http")
 
 DRAIN_GRACE = 1.0
 
-# Phases of a connection, each with its own deadline (see ServerState.sweep)
-IDLE, HEAD, BODY, APP, SEND = range(5)
+
+class Phase(enum.Enum):
+    """Where a connection is; each phase but APP has its own deadline (ServerState.sweep)."""
+
+    IDLE = "idle"
+    """Waiting for the first byte of a request (the keep-alive timeout, or the drain's
+    grace)."""
+    HEAD = "head"
+    """Reading a request's head (the header timeout, not reset by further bytes)."""
+    BODY = "body"
+    """Reading a request's body (the header timeout between two reads)."""
+    APP = "app"
+    """In the app: no deadline of the server's."""
+    SEND = "send"
+    """A send that the client does not take (the send timeout)."""
+
+
+IDLE, HEAD, BODY, APP, SEND = Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.APP, Phase.SEND
 
 
 class Watched(Protocol):
     """A connection as the sweeper sees it (``protocols.http1.HTTPConnection``)."""
 
-    phase: int
+    phase: Phase
     deadline: float
     served: int
-    expired: int | None
+    expired: Phase | None
 
     def check_send(self, now: float) -> None: ...
 
