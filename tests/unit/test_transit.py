@@ -3,9 +3,13 @@ when a worker counts as paused or stalled (trioherd/_transit.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
+import pytest
 
 from trioherd._policy import Dispatcher
+from trioherd.primary.process import WorkerState
 from trioherd.primary.transit import ACK_DEADLINE, PAUSE_AFTER, WINDOW, Skip, Transit
 
 
@@ -107,3 +111,42 @@ def test_least_busy_passes_over_a_full_window_too() -> None:
     dispatcher.add(idle)
     dispatcher.add(busy)
     assert dispatcher.pick() is busy
+
+
+@attrs.define(eq=False)
+class Slot:
+    active: bool = True
+
+
+@attrs.define(eq=False)
+class ReadyWorker:
+    """What the hand-off reads of a worker to admit, pause and readmit it."""
+
+    id: int = 1
+    pid: int = 1234
+    state: WorkerState = WorkerState.READY
+    slot: Slot = attrs.Factory(Slot)
+    open_connections: int = 0
+    unacknowledged: int = 0
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("withdrawn", [False, True])
+async def test_a_pause_ends_at_the_next_acknowledgement_unless_the_worker_was_withdrawn(
+    withdrawn: bool,
+) -> None:
+    """A paused worker is readmitted when it is heard from; one withdrawn meanwhile (at its
+    request or memory limit, its channel broken) stays out until admitted again."""
+    from trioherd._config import Config
+    from trioherd.primary.handoff import Handoff
+
+    handoff = Handoff([], Config())
+    worker: Any = ReadyWorker()
+    handoff.admit(worker)
+    assert handoff.is_dispatching_to(worker)
+    handoff._skip(worker, handoff._transit[worker], Skip.PAUSED, "is slow to acknowledge")
+    assert not handoff.is_dispatching_to(worker)
+    if withdrawn:
+        handoff.withdraw(worker)
+    handoff.heard_from(worker)
+    assert handoff.is_dispatching_to(worker) is not withdrawn

@@ -100,9 +100,14 @@ class Handoff:
         self.signal_capacity()
 
     def withdraw(self, worker: WorkerProcess) -> None:
-        """No new connections for ``worker`` for now (its channel is broken, it is being
-        replaced); what it has queued stays queued."""
+        """No new connections for ``worker`` until it is admitted again (its channel is
+        broken, it is at its request or memory limit); what it has queued stays queued.
+        A pause or stall it was in ends here, so that its next acknowledgement does not
+        readmit it."""
         self._dispatcher.remove(worker)
+        transit = self._transit.get(worker)
+        if transit is not None:
+            transit.skip = None
 
     def finish(self, worker: WorkerProcess) -> None:
         """``worker`` drains: no more connections; it serves what is queued for it, and
@@ -356,7 +361,7 @@ class Handoff:
                 log.warning(
                     "could not pass %d connections to worker %d: %s", len(fds), worker.id, exc
                 )
-                self._dispatcher.remove(worker)
+                self.withdraw(worker)
             else:
                 if not sent:  # its channel is full: it reads nothing, whatever its tally says
                     self._skip(worker, transit, Skip.PAUSED, "is not reading its channel")
