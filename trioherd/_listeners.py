@@ -24,7 +24,7 @@ BACKLOG = 65535
 kernels). As deep an accept queue as the system allows: a burst of new connections waits
 there, served in turn, where a shallow one makes clients retry their SYN a second or
 three later (10,000 connections at once: the last answered after 2-3 s with 2048,
-0.5-2 s with 4096; docs/reliability.md)."""
+0.5-1 s with 4096; docs/reliability.md)."""
 SD_LISTEN_FDS_START = 3
 
 

@@ -57,8 +57,8 @@ SETTLE_INTERVAL = 0.005
 """While the primary holds copies of passed connections, it reads the tallies at least
 this often and closes the copies of what was taken."""
 FULL_RECHECK = 0.005
-"""While every worker is full, the primary looks at their tallies this often for a
-connection closed (closes send no message)."""
+"""While no worker has room, the primary looks at their tallies this often for a
+connection closed or a batch acknowledged (neither sends a message)."""
 
 
 class Handoff:
