@@ -17,8 +17,10 @@ from .rawstream import RECEIVE_SIZE, RawSocketStream
 
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
-_CLOSE_ERRORS = (OSError, trio.BusyResourceError, *_STREAM_ERRORS)
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+"""What a trio stream raises once the client or our own close has ended it."""
+CLOSE_ERRORS = (OSError, trio.BusyResourceError, *STREAM_ERRORS)
+"""What closing a stream may meet and need not report."""
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
@@ -58,7 +60,7 @@ async def drain_client(stream: trio.abc.HalfCloseableStream) -> None:
                 if not data:
                     break
                 drained += len(data)
-        except _CLOSE_ERRORS:
+        except CLOSE_ERRORS:
             pass
 
 
@@ -81,7 +83,7 @@ async def close_tls(stream: trio.SSLStream[Any], linger: bool) -> None:
                 await stream.aclose()
             else:  # a trio without the flag: unwrap() sends it (and awaits the client's)
                 await stream.unwrap()
-        except _CLOSE_ERRORS:
+        except CLOSE_ERRORS:
             pass
     if linger and isinstance(transport, trio.SocketStream):
         await drain_client(transport)

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from .closing import close_stream, queued_bytes
+from .closing import STREAM_ERRORS, close_stream, queued_bytes
 from .forwarded import apply as apply_forwarded
 from .framing import Fields, ResponseFraming, header_list, reason
 from .rawstream import RECEIVE_SIZE, RawSocketStream
@@ -49,8 +49,6 @@ access_log = logging.getLogger("trioherd.access")
 
 SEND_PIECE = 65536  # over TLS a response is sent in pieces of this size (see write)
 SOON_MAX = 16384  # answers up to this size may be handed to the flusher (send_soon)
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
-_CLOSE_ERRORS = (OSError, trio.BusyResourceError, *_STREAM_ERRORS)
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 finds the end of a head
 _NO_SCOPE = trio.CancelScope()  # never entered: cancelling it does nothing
 _FORWARDED = frozenset((b"forwarded", b"x-forwarded-for", b"x-forwarded-proto"))
@@ -341,7 +339,7 @@ class HTTPConnection:
                 else:
                     with self.scope:
                         linger = await self._serve_requests()
-            except _STREAM_ERRORS:
+            except STREAM_ERRORS:
                 if self.expired not in (HEAD, BODY):
                     raise
             if self.expired in (HEAD, BODY):
@@ -349,7 +347,7 @@ class HTTPConnection:
         except h11.RemoteProtocolError as exc:
             await self.answer_late(exc.error_status_hint, str(exc))
             linger = True
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             pass
         finally:
             state.connections.discard(self)
@@ -455,7 +453,7 @@ class HTTPConnection:
             status = exc.error_status_hint
             await self._send_error(status, str(exc))
             return False
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             status = 499  # the client went away under us
             raise
         except Exception:
@@ -608,7 +606,7 @@ class HTTPConnection:
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         try:
             await self.send(self.framing.complete(status, headers, body, close=True))
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             pass
         if detail:
             log.debug("%d to %s: %s", status, self.client, detail)

@@ -42,6 +42,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
+from .closing import STREAM_ERRORS
 from .http1 import HTTPConnection
 from .rawstream import RECEIVE_SIZE, RawSocketStream
 from .ws_handshake import Handshake
@@ -60,7 +61,6 @@ _OPEN = ConnectionState.OPEN
 _CLOSED = ConnectionState.CLOSED
 _REMOTE_CLOSING = ConnectionState.REMOTE_CLOSING
 _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 
@@ -224,7 +224,7 @@ class _Core:
             event = BytesMessage(data=bytes(message))
         try:
             sent = await self._write(event)
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             self._ended(ABNORMAL, "")
             sent = False
         if not sent:
@@ -238,7 +238,7 @@ class _Core:
         self._ended(code, reason)
         try:
             await self._write(CloseConnection(code=code, reason=reason or None))
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             pass
         self._wait_for_client()
 
@@ -322,7 +322,7 @@ class _Core:
         try:
             try:
                 data = await self._receive_data()
-            except (OSError, *_STREAM_ERRORS):
+            except (OSError, *STREAM_ERRORS):
                 data = b""
             if not data:
                 self._lost()
@@ -437,7 +437,7 @@ class _Core:
         if isinstance(stream, trio.abc.HalfCloseableStream):
             while self._writing:
                 await self._writers.park()
-            with contextlib.suppress(OSError, *_STREAM_ERRORS):
+            with contextlib.suppress(OSError, *STREAM_ERRORS):
                 await stream.send_eof()
         else:  # TLS: the connection's close (close_notify first) is the end: no waiting
             self.done.set()
@@ -448,7 +448,7 @@ class _Core:
         with self._watch_scope:
             while not self.done.is_set():
                 if self._corked:
-                    with contextlib.suppress(*_STREAM_ERRORS):
+                    with contextlib.suppress(*STREAM_ERRORS):
                         await self._uncork()
                 if self._pending is not None and not self._app_done:
                     with trio.move_on_after(CLOSE_TIMEOUT):  # the app answers, then settles
@@ -490,7 +490,7 @@ class _Core:
             with trio.move_on_after(timeout or math.inf) as waited:
                 try:
                     await self._write(Ping(payload=b"trioherd"))
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     return
                 await self._pong.wait()
             if waited.cancelled_caught:
@@ -571,7 +571,7 @@ class WebSocket(_Core):
                         frame = b"".join([*self._corked, frame])
                         self._corked.clear()
                     await self._http.write(frame)
-            except _STREAM_ERRORS:
+            except STREAM_ERRORS:
                 self._ended(ABNORMAL, "")
                 raise WebSocketClosed(ABNORMAL) from None
             finally:
