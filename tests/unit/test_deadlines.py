@@ -16,7 +16,8 @@ import trio
 from trioherd._config import Config
 from trioherd.protocols.http1 import HTTPConnection
 from trioherd.protocols.rawstream import RawSocketStream
-from trioherd.protocols.state import APP, IDLE, SEND, ServerState
+from trioherd.protocols.shared import APP, IDLE, SEND
+from trioherd.protocols.state import ServerState
 
 pytestmark = pytest.mark.trio
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from trioherd import _ipc
 from trioherd._errors import IPCProtocolError
-from trioherd.protocols.state import Stats
+from trioherd.protocols.shared import Stats
 
 
 def test_round_trip_of_every_message_type() -> None:

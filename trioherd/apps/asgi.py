@@ -14,7 +14,8 @@ from urllib.parse import unquote
 import trio
 
 from ..protocols.framing import as_fields
-from ..protocols.http1 import BodyReader, ClientGone, HTTPConnection, RequestHead
+from ..protocols.h1core import ClientGone, Exchange
+from ..protocols.http1 import BodyReader, HTTPConnection
 
 ASGIApp = Callable[..., Awaitable[None]]
 Message = dict[str, Any]
@@ -46,8 +47,8 @@ class ASGIAdapter:
         self.app = app
         self.lifespan_state = lifespan_state
 
-    async def __call__(self, http: HTTPConnection, request: RequestHead) -> int:
-        if http.upgrade:  # maybe a WebSocket: a "websocket" scope (loaded only then)
+    async def __call__(self, http: HTTPConnection, request: Exchange) -> int:
+        if request.upgrade:  # maybe a WebSocket: a "websocket" scope (loaded only then)
             from .websocket import serve_asgi
 
             status = await serve_asgi(self, http, request)
@@ -65,7 +66,7 @@ class ASGIAdapter:
             raise ClientGone()  # the app stopped mid-body: the response is incomplete
         return exchange.status
 
-    def http_scope(self, http: HTTPConnection, request: RequestHead) -> dict[str, Any]:
+    def http_scope(self, http: HTTPConnection, request: Exchange) -> dict[str, Any]:
         target = request.target
         parts = _TARGETS.get(target)
         if parts is None:
@@ -83,13 +84,13 @@ class ASGIAdapter:
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": _NAMES.get(version) or version.decode("ascii"),
             "method": _NAMES.get(method) or method.decode("ascii"),
-            "scheme": http.scheme,
+            "scheme": request.scheme,
             "path": parts[0],
             "raw_path": parts[1],
             "query_string": parts[2],
             "root_path": "",
-            "headers": http.headers,
-            "client": http.client,
+            "headers": request.headers,
+            "client": request.client,
             "server": http.server,
             "state": dict(self.lifespan_state),
         }

@@ -13,7 +13,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..protocols.framing import Fields
-from ..protocols.http1 import BodyReader, HTTPConnection, RequestHead
+from ..protocols.h1core import Exchange
+from ..protocols.http1 import BodyReader, HTTPConnection
 from .loading import Headers, Request, Response
 
 
@@ -25,10 +26,8 @@ class NativeAdapter:
     def __init__(self, app: Callable[[Request], Awaitable[Any]]) -> None:
         self.app = app
 
-    async def __call__(
-        self, http: HTTPConnection, request: RequestHead, upgrade: Any = None
-    ) -> int:
-        if http.upgrade and upgrade is None:  # maybe a WebSocket (its module loaded only then)
+    async def __call__(self, http: HTTPConnection, request: Exchange, upgrade: Any = None) -> int:
+        if request.upgrade and upgrade is None:  # maybe a WebSocket (its module loaded only then)
             from .websocket import serve_native
 
             status = await serve_native(self, http, request)  # calls us with its Upgrade
@@ -60,8 +59,8 @@ class NativeAdapter:
         return status
 
 
-def make_request(http: HTTPConnection, request: RequestHead, upgrade: Any = None) -> Request:
-    """The native Request for a request head read on ``http`` (``upgrade``: the WebSocket
+def make_request(http: HTTPConnection, request: Exchange, upgrade: Any = None) -> Request:
+    """The native Request for a request read on ``http`` (``upgrade``: the WebSocket
     handshake it asks for, ``protocols.websocket.Upgrade``)."""
     target = request.target.decode("latin-1")
     path, _, query = target.partition("?")
@@ -69,10 +68,10 @@ def make_request(http: HTTPConnection, request: RequestHead, upgrade: Any = None
         method=request.method.decode("ascii"),
         path=unquote(path) if "%" in path else path,
         query=query,
-        headers=Headers(http.headers),
-        client=http.client,
+        headers=Headers(request.headers),
+        client=request.client,
         http_version=request.http_version.decode("ascii"),
-        scheme=http.scheme,
+        scheme=request.scheme,
         tls=http.tls,
         reader=BodyReader(http),
         upgrade=upgrade,

@@ -12,7 +12,8 @@ from typing import Any, Protocol
 import trio
 
 from ..protocols.framing import Fields
-from ..protocols.http1 import ClientGone, HTTPConnection, RequestHead
+from ..protocols.h1core import ClientGone, Exchange
+from ..protocols.http1 import HTTPConnection
 from ..protocols.websocket import ABNORMAL, NORMAL, Upgrade, WebSocketClosed
 from ..protocols.ws_handshake import read_handshake, refuse
 
@@ -24,18 +25,18 @@ class ASGIHost(Protocol):
 
     app: Callable[..., Awaitable[None]]
 
-    def http_scope(self, http: HTTPConnection, request: RequestHead) -> dict[str, Any]: ...
+    def http_scope(self, http: HTTPConnection, request: Exchange) -> dict[str, Any]: ...
 
 
 class NativeHost(Protocol):
     """The native adapter, called again with the request's Upgrade."""
 
     async def __call__(
-        self, http: HTTPConnection, request: RequestHead, upgrade: Any = None
+        self, http: HTTPConnection, request: Exchange, upgrade: Any = None
     ) -> int: ...
 
 
-async def serve_native(adapter: NativeHost, http: HTTPConnection, request: RequestHead) -> int:
+async def serve_native(adapter: NativeHost, http: HTTPConnection, request: Exchange) -> int:
     """Serve a request that may ask for a WebSocket; 0 if it does not (plain HTTP)."""
     handshake = read_handshake(http, request)
     if handshake is None:
@@ -54,7 +55,7 @@ async def serve_native(adapter: NativeHost, http: HTTPConnection, request: Reque
     return 101 if upgrade.websocket is not None else status
 
 
-async def serve_asgi(adapter: ASGIHost, http: HTTPConnection, request: RequestHead) -> int:
+async def serve_asgi(adapter: ASGIHost, http: HTTPConnection, request: Exchange) -> int:
     """Serve a request that may ask for a WebSocket with a ``websocket`` scope; 0 if it
     does not (plain HTTP)."""
     handshake = read_handshake(http, request)
@@ -67,7 +68,7 @@ async def serve_asgi(adapter: ASGIHost, http: HTTPConnection, request: RequestHe
     scope = adapter.http_scope(http, request)
     scope["type"] = "websocket"
     scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
-    scope["scheme"] = "wss" if http.scheme == "https" else "ws"
+    scope["scheme"] = "wss" if http.exchange.scheme == "https" else "ws"
     del scope["method"]
     scope["subprotocols"] = handshake.subprotocols
     scope.setdefault("extensions", {})["websocket.http.response"] = {}

@@ -1,11 +1,13 @@
-"""HTTP/1.1 in the worker: one task per connection, an h11 state machine, no task per request.
+"""HTTP/1.1 in the Trio worker: one task per connection, no task per request.
 
-The layout: this module reads requests (h11) and owns the connection, its deadlines and
-its errors; ``protocols.framing`` turns a response into bytes (sans I/O) and holds the keep-alive
-decision; an adapter (``apps.native``, ``apps.asgi``), chosen once per worker, runs the app for
-one request and writes its response through :meth:`HTTPConnection.send_complete`, or
-:meth:`HTTPConnection.head` and :meth:`HTTPConnection.send` with ``framing.body`` and
-``framing.end``.
+The layout: ``protocols.h1core`` is the protocol without I/O (parsing with h11, the limits,
+forwarded headers, keep-alive, deadlines as numbers, one Exchange per request);
+:class:`HTTPConnection` extends it with Trio's I/O: it owns the stream, reads and writes,
+runs the app through an adapter, and turns errors into answers. ``protocols.framing``
+turns a response into bytes (sans I/O). An adapter (``apps.native``, ``apps.asgi``), chosen
+once per worker, runs the app for one request and writes its response through
+:meth:`HTTPConnection.send_complete`, or :meth:`HTTPConnection.head` and
+:meth:`HTTPConnection.send` with ``framing.body`` and ``framing.end``.
 
 Timeouts, as deadlines the worker's sweeper enforces (``ServerState.sweep`` and
 ``HTTPConnection.expire``: it interrupts the connection's wait on a raw socket, and
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -39,27 +40,19 @@ import h11
 import trio
 
 from .closing import STREAM_ERRORS, close_stream, queued_bytes
-from .forwarded import apply as apply_forwarded
-from .framing import Fields, ResponseFraming, header_list, reason
+from .framing import Fields, reason
+from .h1core import NEED_DATA, BodyTooLarge, ClientGone, Exchange, H1Core, RequestHead, chunk_left
 from .rawstream import RECEIVE_SIZE, RawSocketStream
-from .state import APP, BODY, HEAD, IDLE, SEND, Phase, ServerState
+from .shared import APP, BODY, HEAD, IDLE, SEND
+from .state import ServerState
+
+__all__ = ["Adapter", "BodyReader", "BodyTooLarge", "ClientGone", "HTTPConnection", "RequestHead"]
 
 log = logging.getLogger("trioherd.http")
-access_log = logging.getLogger("trioherd.access")
 
 SEND_PIECE = 65536  # over TLS a response is sent in pieces of this size (see write)
 SOON_MAX = 16384  # answers up to this size may be handed to the flusher (send_soon)
-_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 finds the end of a head
 _NO_SCOPE = trio.CancelScope()  # never entered: cancelling it does nothing
-_FORWARDED = frozenset((b"forwarded", b"x-forwarded-for", b"x-forwarded-proto"))
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
 
 
 class BodyReader:
@@ -87,25 +80,25 @@ class BodyReader:
         conn = http.conn
         if self.done:
             return b""
-        if conn.they_are_waiting_for_100_continue and not http.sent_continue:
-            http.sent_continue = True
-            if not http.response_started:  # no 1xx once a final response has begun
+        exchange = http.exchange
+        if conn.they_are_waiting_for_100_continue and not exchange.sent_continue:
+            exchange.sent_continue = True
+            if not exchange.response_started:  # no 1xx once a final response has begun
                 await http.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         limit = http.state.config.max_body_size
         while True:
             event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if _chunk_left(conn) > limit - self.received:  # never wait for what we refuse
-                    raise BodyTooLarge(self.received + _chunk_left(conn))
+            if event is NEED_DATA:
+                if chunk_left(conn) > limit - self.received:  # never wait for what we refuse
+                    raise BodyTooLarge(self.received + chunk_left(conn))
                 await http.receive_body()
                 continue
             kind = type(event)
             if kind is h11.Data:
-                data = bytes(event.data)  # type: ignore[union-attr]
+                data = bytes(event.data)
                 self.received += len(data)
                 if self.received > limit or (
-                    event.chunk_start  # type: ignore[union-attr]
-                    and _chunk_left(conn) > limit - self.received
+                    event.chunk_start and chunk_left(conn) > limit - self.received
                 ):
                     raise BodyTooLarge(self.received)
                 return data
@@ -118,88 +111,26 @@ class BodyReader:
             raise ClientGone()
 
 
-def _head_buffered(conn: h11.Connection) -> bool:
-    """The bytes received after the head of the request ``conn`` read hold the whole head
-    of another, pipelined, request (asked only of a request without a body)."""
-    return _HEAD_END.search(conn.trailing_data[0].lstrip(b"\r\n")) is not None
-
-
-def _chunk_left(conn: h11.Connection) -> int:
-    """What is left of the chunk h11 is reading: the size its chunk-size line announced,
-    less what was delivered (0 between chunks, or for a body that is not chunked). h11
-    keeps it in its reader's ``_bytes_in_chunk``; without that, 0 (the limit is then
-    enforced on the bytes as they arrive)."""
-    left = getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
-    return left if type(left) is int else 0
-
-
-# where h11 is done with a request: DONE; MUST_CLOSE (its whole body was read, and the
-# connection closes after the response: HTTP/1.0, Connection: close); or a protocol
-# switch offered that we decline
-_REQUEST_DONE = (h11.DONE, h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL)  # type: ignore[attr-defined]
-
-
-class RequestHead(Protocol):
-    """The request line, as an adapter reads it: h11's Request has it, and so would the
-    request of another parser."""
-
-    @property
-    def method(self) -> bytes: ...
-
-    @property
-    def target(self) -> bytes: ...
-
-    @property
-    def http_version(self) -> bytes: ...
-
-
 class Adapter(Protocol):
     """An app interface (native, ASGI), chosen once per worker: runs the app for one
-    request and writes its response through the connection; returns the status, for the
-    counters and the access log. Raises what the app raised; BodyTooLarge or ClientGone
-    from the body; ClientGone for a response it could not finish."""
+    request (its Exchange: the request line, fields, client) and writes its response
+    through the connection; returns the status, for the counters and the access log.
+    Raises what the app raised; BodyTooLarge or ClientGone from the body; ClientGone for a
+    response it could not finish."""
 
-    async def __call__(self, http: HTTPConnection, request: RequestHead) -> int: ...
+    async def __call__(self, http: HTTPConnection, request: Exchange) -> int: ...
 
 
-class HTTPConnection:
-    """Serves the requests of one connection until it closes.
+class HTTPConnection(H1Core):
+    """Serves the requests of one connection until it closes: the Trio runtime's reads,
+    writes and errors around the protocol core (:class:`~.h1core.H1Core`).
 
-    h11 parses each request (a fresh h11 state machine per request, fed the bytes left over
-    from the one before, so pipelining works); responses are framed by ResponseFraming,
-    directly as bytes, with the framing HTTP/1.1 asks for: that skips most of h11's
-    per-event bookkeeping, which costs more than the parsing itself.
+    Responses are framed by ResponseFraming, directly as bytes, with the framing HTTP/1.1
+    asks for: that skips most of h11's per-event bookkeeping, which costs more than the
+    parsing itself.
     """
 
-    __slots__ = (
-        "adapter",
-        "bodyless",
-        "client",
-        "conn",
-        "counted",
-        "deadline",
-        "expired",
-        "framing",
-        "headers",
-        "leftover",
-        "peer",
-        "phase",
-        "raw",
-        "request",
-        "response_started",
-        "scheme",
-        "scope",
-        "send_mark",
-        "sent_continue",
-        "served",
-        "server",
-        "stalled_in",
-        "started",
-        "state",
-        "stream",
-        "tls",
-        "upgrade",
-    )
+    __slots__ = ("adapter", "raw", "scope", "send_mark", "server", "stalled_in", "stream")
 
     def __init__(
         self,
@@ -211,31 +142,15 @@ class HTTPConnection:
         scheme: str = "http",
         tls: dict[str, Any] | None = None,
     ) -> None:
-        self.state = state
+        super().__init__(state, client, tls)
+        self.state: ServerState = state
         self.adapter = adapter
         self.stream = stream
-        self.client = self.peer = client  # client: as a trusted proxy may report it
         self.server = server
-        self.scheme = scheme
-        self.tls = tls
-        self.conn: h11.Connection = self._fresh(b"")
-        self.framing = ResponseFraming()
-        self.response_started = False
-        self.sent_continue = False
-        self.phase = IDLE
-        self.deadline = math.inf
-        self.expired: Phase | None = None
         # a raw socket says when a send stalls (send_stalled) and its deadlines interrupt
         # its waits; other streams are timed in write() and their deadlines cancel a scope
         self.raw = raw = stream if isinstance(stream, RawSocketStream) else None
         self.scope = _NO_SCOPE if raw is not None else trio.CancelScope()
-        self.request: RequestHead | None = None
-        self.headers: Fields = []
-        self.bodyless = False
-        self.leftover = False
-        self.counted = False
-        self.started = 0.0
-        self.served = 0  # requests read on this connection
         self.send_mark = -1  # what the kernel held for the client at the last look
         self.stalled_in = APP  # the phase a stalled send came from (send_stalled)
         if raw is not None:
@@ -253,31 +168,11 @@ class HTTPConnection:
         self.scope.cancel()
         return True
 
-    # -- the parser: h11 here; a subclass may read some requests another way (httptools) --
-
-    def _fresh(self, leftover: bytes) -> h11.Connection:
-        """The parser of the next request, given the bytes of it already received."""
-        conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.state.config.max_header_size
-        )
-        if leftover:
-            conn.receive_data(leftover)
-        return conn
-
-    def _feed(self, data: bytes) -> Any:
-        """Parse received bytes: the next event (a request, or h11.NEED_DATA)."""
-        self.conn.receive_data(data)
-        return self.conn.next_event()
-
-    def _next_buffered(self) -> Any:
-        """The next event from the bytes already received."""
-        return self.conn.next_event()
-
     # -- I/O helpers -------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
         """Send part of the response (from now on, no other response can be given)."""
-        self.response_started = True
+        self.exchange.response_started = True
         await self.write(data)
 
     async def write(self, data: bytes) -> None:
@@ -285,7 +180,27 @@ class HTTPConnection:
         if self.raw is not None:
             await self.raw.send_all(data)
         else:
-            await _send_timed(self, data)
+            await self._send_timed(data)
+
+    async def _send_timed(self, data: bytes) -> None:
+        """Send over a stream that cannot say when it stalls (TLS): in pieces, each of
+        which must go within ``send_timeout``; the sweeper also watches the kernel's
+        queue."""
+        timeout = self.state.config.send_timeout
+        self.phase = SEND
+        self.send_mark = -1
+        try:
+            if len(data) <= SEND_PIECE:
+                self.deadline = trio.current_time() + timeout
+                await self.stream.send_all(data)
+            else:
+                view = memoryview(data)
+                for start in range(0, len(data), SEND_PIECE):
+                    self.deadline = trio.current_time() + timeout
+                    await self.stream.send_all(view[start : start + SEND_PIECE])
+        finally:
+            self.phase = APP
+            self.deadline = math.inf
 
     def send_stalled(self) -> None:
         """The raw socket's buffer is full, and the client took what it could since the
@@ -295,7 +210,7 @@ class HTTPConnection:
             self.stalled_in = self.phase
         self.phase = SEND
         self.send_mark = -1
-        self.deadline = trio.current_time() + self.state.config.send_timeout
+        self.deadline = self.state.now() + self.state.config.send_timeout
 
     def check_send(self, now: float) -> None:
         """A send is waiting: if the kernel's queue for the client changed since the last
@@ -311,7 +226,7 @@ class HTTPConnection:
         """The send that stalled is complete."""
         if self.stalled_in == IDLE:
             self.phase = IDLE
-            self.deadline = trio.current_time() + self.state.idle_wait()
+            self.deadline = self.state.now() + self.state.idle_wait()
         else:
             self.phase = APP
             self.deadline = math.inf
@@ -319,7 +234,7 @@ class HTTPConnection:
     async def receive_body(self) -> None:
         """Read more of a request body; each read must come within ``header_timeout``."""
         self.phase = BODY
-        self.deadline = trio.current_time() + self.state.config.header_timeout
+        self.deadline = self.state.now() + self.state.config.header_timeout
         data = await self.stream.receive_some(RECEIVE_SIZE)
         self.phase = APP
         self.deadline = math.inf
@@ -343,7 +258,7 @@ class HTTPConnection:
                 if self.expired not in (HEAD, BODY):
                     raise
             if self.expired in (HEAD, BODY):
-                linger = await _answer_expired(self)
+                linger = await self._answer_expired()
         except h11.RemoteProtocolError as exc:
             await self.answer_late(exc.error_status_hint, str(exc))
             linger = True
@@ -360,88 +275,47 @@ class HTTPConnection:
             event = await self._read_head()
             if event is None or type(event) is h11.ConnectionClosed:
                 return False
-            self.served += 1
             if not await self._serve_request(event):
                 return True
-            conn = self.conn
-            if not self.bodyless and conn.their_state not in _REQUEST_DONE:
-                # usually just h11's EndOfMessage; else read and drop the rest (bounded by
-                # max_body_size and header_timeout), even before a close: a client that
-                # sends its whole body before it reads would meet a reset otherwise
-                tail = conn.next_event()
-                if type(tail) is not h11.EndOfMessage and tail is not h11.PAUSED:
-                    if not await _discard_body(self):
-                        return True  # linger: read what comes for a moment, then close
-                if conn.their_state not in _REQUEST_DONE:
-                    return True
-            # RFC 9112 2.2: blank lines before a request line are to be ignored
-            leftover = conn.trailing_data[0].lstrip(b"\r\n")
-            if not self.framing.keep_alive:
-                # pipelined requests we will not read, or more of them still on the way
-                limit = self.state.config.max_requests_per_connection
-                return bool(leftover) or (bool(limit) and self.served >= limit)
-            self.leftover = bool(leftover)
-            self.conn = self._fresh(leftover)
+            # usually just h11's EndOfMessage; else read and drop the rest (bounded by
+            # max_body_size and header_timeout), even before a close: a client that
+            # sends its whole body before it reads would meet a reset otherwise
+            if (
+                not self.exchange.bodyless  # else nothing to read: the usual case, no call
+                and self.unread_body()
+                and not await self._discard_body()
+            ):
+                return True  # linger: read what comes for a moment, then close
+            end = self.next_request()
+            if end is not None:
+                return end
 
     async def _read_head(self) -> Any:
         """The next request (h11's Request, or a RequestHead another parser read), or at the
         end h11.ConnectionClosed or None."""
-        # nothing of the request to come is known, counted or sent yet
-        self.request = None
-        self.response_started = False
-        self.counted = False
-        self.started = 0.0
-        self.framing.head_only = False  # an answer before a head (400, 408) has a body
-        state = self.state
-        config = state.config
-        if self.leftover:  # bytes of the next request came with the last one
-            event = self._next_buffered()
-            if event is not h11.NEED_DATA:  # pipelined: already here, but others go first
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                self.phase = APP
-                return event
-            self.phase = HEAD
-            self.deadline = trio.current_time() + config.header_timeout
-        else:
-            self.phase = IDLE
-            self.deadline = state.now() + state.idle_wait()
-        stream = self.stream
+        event = self.await_request()
+        if event is not NEED_DATA:  # pipelined: already here, but others go first
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return event
         # after a response on a raw socket, wait for the next request before reading
         raw = self.raw
-        receive = raw.receive_next if self.served and raw is not None else stream.receive_some
+        receive = raw.receive_next if self.served and raw is not None else self.stream.receive_some
         while True:
-            data = bytes(await receive(RECEIVE_SIZE))
-            first = self.phase == IDLE  # the first bytes of the request
-            if first:
-                if not data:
-                    return None
-                data = data.lstrip(b"\r\n")  # RFC 9112 2.2: blank lines are ignored
-                if not data:
-                    continue
-                self.phase = HEAD
-            state.stats.bytes_in += len(data)
-            event = self._feed(data)
-            if event is not h11.NEED_DATA:
-                self.phase = APP
-                self.deadline = math.inf
+            event = self.head_bytes(bytes(await receive(RECEIVE_SIZE)))
+            if event is not NEED_DATA:
                 return event
-            if first:  # the head's deadline, unless it all came at once (the usual case)
-                self.deadline = trio.current_time() + config.header_timeout
 
     async def _serve_request(self, request: RequestHead) -> bool:
         """Run the app for one request; False if the connection must end at once."""
-        self.request = request
-        self.started = self.started_at()
-        self.headers = headers = header_list(request)
-        refusal = self._check_head(request, headers)
+        refusal = self.begin(request)
         if refusal is not None:
             await self._reject(*refusal)
             return False
+        exchange = self.exchange
         sent_before = self.state.stats.bytes_out
-        self.sent_continue = False
         status = 500
         try:
-            status = await self.adapter(self, request)
+            status = await self.adapter(self, exchange)
         except BodyTooLarge:
             status = 413
             await self._send_error(413, "request body too large")
@@ -458,7 +332,7 @@ class HTTPConnection:
             raise
         except Exception:
             log.exception(
-                "app raised on %s %s", request.method.decode(), request.target.decode("latin-1")
+                "app raised on %s %s", exchange.method.decode(), exchange.target.decode("latin-1")
             )
             status = 500
             await self._send_error(500, None)  # unless a response began: it cannot be mended
@@ -467,102 +341,39 @@ class HTTPConnection:
             expired = self.expired  # a 408 is answered and counted by run()
             if expired is None or expired == SEND:  # a client that took nothing: 499
                 status = 499 if expired == SEND else status
-                self.count(request, status, self.state.stats.bytes_out - sent_before)
+                self.count(status, self.state.stats.bytes_out - sent_before)
         return True
 
-    def _check_head(self, request: RequestHead, headers: Fields) -> tuple[int, str] | None:
-        """Measure the request's head against the limits: the error to answer, or None.
-
-        Also notes whether the request has a body, and makes the request's keep-alive
-        decision (the response can only turn it off: see ResponseFraming)."""
-        config = self.state.config
-        # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
-        size = len(request.method) + len(request.target) + 12
-        content_length = None
-        chunked = close = upgrade = forwarded = False
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name == b"content-length":
-                content_length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == b"connection" and b"close" in value.lower():
-                close = True
-            elif name == b"upgrade":
-                upgrade = True
-            elif name in _FORWARDED:
-                forwarded = True
-        peer = self.peer  # its forwarded headers are believed if it is trusted
-        trusted = forwarded and (peer is None or peer[0] in self.state.trusted)
-        if trusted or self.client is not peer:
-            own = "https" if self.tls is not None else "http"  # this request's, or none
-            self.client, self.scheme = (
-                apply_forwarded(headers, peer, own, self.state.trusted)
-                if forwarded
-                else (peer, own)
-            )
-        self.upgrade = upgrade  # asks to switch protocols: a WebSocket? (see protocols.websocket)
-        self.bodyless = bodyless = not chunked and not content_length
-        version = request.http_version
-        limit = config.max_requests_per_connection
-        self.framing.begin(
-            request.method == b"HEAD",
-            not (
-                close
-                or self.state.draining
-                or version != b"1.1"
-                # RFC 9112 6.1: both lengths: answer, then close (a smuggling guard)
-                or (chunked and content_length is not None)
-                # after a 2xx the bytes that follow are a tunnel's, never HTTP requests
-                or request.method == b"CONNECT"
-                # the last request; but pipelined requests already here are answered too
-                or (
-                    limit and self.served >= limit and not (bodyless and _head_buffered(self.conn))
-                )
-            ),
-        )
-        if version != b"1.1" and version != b"1.0":  # HTTP/2's preface "PRI * HTTP/2.0" too
-            return (505, f"HTTP/{version.decode('ascii', 'replace')} not supported")
-        if len(headers) > config.max_header_count:
-            return (431, "too many header fields")
-        if size > config.max_header_size:
-            return (431, "request head too large")
-        if content_length is not None and content_length > config.max_body_size:
-            return (413, "request body too large")
-        return None
-
-    def count(self, request: RequestHead | None, status: int, sent: int) -> None:
-        """Count a request once (stats, access log)."""
-        if self.counted:
-            return
-        self.counted = True
-        stats = self.state.stats
-        stats.requests += 1
-        stats.status[status // 100 if status < 600 else 5] += 1
-        if self.state.on_request is not None:
-            self.state.on_request()
-        if self.started:
-            _access_log(self, request, status, sent)
+    async def _discard_body(self) -> bool:
+        """Read and drop an unread request body so the connection can be reused."""
+        if self.conn.they_are_waiting_for_100_continue and not self.exchange.sent_continue:
+            return False  # never told them to send it: closing is cheaper than reading it
+        reader = BodyReader(self)
+        try:
+            while await reader.next_chunk():
+                pass
+        except (BodyTooLarge, ClientGone):
+            return False
+        return True
 
     # -- responses -------------------------------------------------------------------------
 
-    # The response must be the connection's last during a drain, and when the client waits
-    # for 100-continue and is answered without its body being read: it may not send it,
-    # so the connection cannot go on (RFC 9110 10.1.1). Written out in both methods below:
-    # this is the hot path, and a call costs more than the test.
+    # Whether the response must be the connection's last (H1Core.closes_after_response) is
+    # written out in both methods below: this is the hot path, and a call costs more than
+    # the test.
 
     def head(self, status: int, headers: Fields, length: int | None) -> bytes:
         """The response head (see ResponseFraming.head); the body follows through
         ``framing.body`` and ``framing.end``."""
         close = self.state.draining or (
-            not self.bodyless and self.conn.they_are_waiting_for_100_continue
+            not self.exchange.bodyless and self.conn.they_are_waiting_for_100_continue
         )
         return self.framing.head(status, headers, length, close)
 
     async def send_complete(self, status: int, headers: Sequence[Any], body: bytes) -> None:
         """A response whose body is known: head and body in one send_all."""
         close = self.state.draining or (
-            not self.bodyless and self.conn.they_are_waiting_for_100_continue
+            not self.exchange.bodyless and self.conn.they_are_waiting_for_100_continue
         )
         data = self.framing.complete(status, headers, body, close)
         # a small answer on a connection that goes on: the worker's flusher writes it with
@@ -571,7 +382,7 @@ class HTTPConnection:
         last = not self.framing.keep_alive
         raw = self.raw
         if raw is not None and (last or (len(data) <= SOON_MAX and raw.send_soon(data))):
-            self.response_started = True
+            self.exchange.response_started = True
             self.state.stats.bytes_out += len(data)
             if last:
                 await raw.send_final(data)
@@ -580,12 +391,14 @@ class HTTPConnection:
 
     async def _reject(self, status: int, detail: str) -> None:
         """An error answer to a request the app never saw; counted and logged like any."""
-        if self.response_started:
+        exchange = self.unread()
+        if exchange.response_started:
             return
         before = self.state.stats.bytes_out
-        self.started = self.started or self.started_at()
+        if not exchange.started and self.state.config.access_log:
+            exchange.started = time.perf_counter()
         await self._send_error(status, detail)
-        self.count(self.request, status, self.state.stats.bytes_out - before)
+        self.count(status, self.state.stats.bytes_out - before)
 
     async def answer_late(self, status: int, detail: str) -> None:
         """An error answer after the connection's scope has ended, in a scope of its own
@@ -596,11 +409,18 @@ class HTTPConnection:
         with self.scope:
             await self._reject(status, detail)
 
-    def started_at(self) -> float:
-        return time.perf_counter() if self.state.config.access_log else 0.0
+    async def _answer_expired(self) -> bool:
+        """The request's head or body did not come in time: 408, unless a response has
+        begun (then it is only counted). True: the close lingers."""
+        if self.exchange.response_started:  # too late to say so: count it, then drop
+            self.count(408, 0)
+        else:
+            what = "head" if self.expired == HEAD else "body"
+            await self.answer_late(408, f"request {what} not received in time")
+        return True
 
     async def _send_error(self, status: int, detail: str | None) -> None:
-        if self.response_started:
+        if self.exchange.response_started:
             return
         body = b"%d %s\n" % (status, reason(status))
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
@@ -609,78 +429,4 @@ class HTTPConnection:
         except STREAM_ERRORS:
             pass
         if detail:
-            log.debug("%d to %s: %s", status, self.client, detail)
-
-
-async def _discard_body(http: HTTPConnection) -> bool:
-    """Read and drop an unread request body so the connection can be reused."""
-    if http.conn.they_are_waiting_for_100_continue and not http.sent_continue:
-        return False  # never told them to send it: closing is cheaper than reading it
-    reader = BodyReader(http)
-    try:
-        while await reader.next_chunk():
-            pass
-    except (BodyTooLarge, ClientGone):
-        return False
-    return True
-
-
-async def _answer_expired(http: HTTPConnection) -> bool:
-    """The request's head or body did not come in time: 408, unless a response has begun
-    (then it is only counted). True: the close lingers."""
-    if http.response_started:  # too late to say so: count it, then drop
-        http.count(http.request, 408, 0)
-    else:
-        what = "head" if http.expired == HEAD else "body"
-        await http.answer_late(408, f"request {what} not received in time")
-    return True
-
-
-def _access_log(http: HTTPConnection, request: RequestHead | None, status: int, sent: int) -> None:
-    """The access-log line of one request (``--access-log``)."""
-    client = f"{http.client[0]}:{http.client[1]}" if http.client else "-"
-    line = (
-        f"{request.method.decode()} {request.target.decode('latin-1')} "
-        f"HTTP/{request.http_version.decode()}"
-        if request is not None
-        else "-"
-    )
-    duration = (time.perf_counter() - http.started) * 1000
-    access_log.info(
-        '%s "%s" %d %d %.1fms w%d',
-        client,
-        line,
-        status,
-        sent,
-        duration,
-        http.state.worker_id,
-        extra={  # the fields of a JSON access-log line (--log-format json)
-            "method": request.method.decode() if request is not None else None,
-            "path": request.target.decode("latin-1") if request is not None else None,
-            "status": status,
-            "duration_ms": round(duration, 3),
-            "client": client,
-            "bytes": sent,
-        },
-    )
-
-
-async def _send_timed(http: HTTPConnection, data: bytes) -> None:
-    """Send over a stream that cannot say when it stalls (TLS): in pieces, each of which
-    must go within ``send_timeout``; the sweeper also watches the kernel's queue."""
-    stream = http.stream
-    timeout = http.state.config.send_timeout
-    http.phase = SEND
-    http.send_mark = -1
-    try:
-        if len(data) <= SEND_PIECE:
-            http.deadline = trio.current_time() + timeout
-            await stream.send_all(data)
-        else:
-            view = memoryview(data)
-            for start in range(0, len(data), SEND_PIECE):
-                http.deadline = trio.current_time() + timeout
-                await stream.send_all(view[start : start + SEND_PIECE])
-    finally:
-        http.phase = APP
-        http.deadline = math.inf
+            log.debug("%d to %s: %s", status, self.exchange.client, detail)

@@ -29,6 +29,7 @@ import h11
 import httptools
 
 from .framing import Fields
+from .h1core import H1Core, Parser
 from .http1 import HTTPConnection
 
 _REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+) ([\x21-\x7e]+) HTTP/(1\.[01])\r\n")
@@ -39,7 +40,7 @@ _END = h11.EndOfMessage()
 class Head:
     """A request head llhttp read: what an adapter reads of h11's Request. It also stands
     where h11's parser would be after a whole request without a body: done, holding the
-    bytes received after it (see HTTPConnection._serve_requests)."""
+    bytes received after it (see H1Core.next_request)."""
 
     __slots__ = ("headers", "http_version", "method", "target", "trailing_data")
     their_state = h11.DONE
@@ -56,6 +57,10 @@ class Head:
 
     def next_event(self) -> h11.EndOfMessage:
         return _END
+
+    def receive_data(self, data: bytes) -> None:
+        """Never called: a head llhttp reads has no body to receive."""
+        raise RuntimeError("a request read by llhttp has no body")
 
 
 _WAITING = Head(b"", b"", b"", [], b"")  # no byte of the next request has reached a parser yet
@@ -84,29 +89,36 @@ class _Fields:
         self.complete = True
 
 
-class HttptoolsConnection(HTTPConnection):
-    """An HTTPConnection that reads plain heads with llhttp (see the module docstring)."""
+class HttptoolsParsing(H1Core):
+    """The parser hooks of :class:`~.h1core.H1Core` with llhttp for plain heads (see the
+    module docstring); a runtime's connection class takes them first in its bases."""
 
-    __slots__ = ("pending",)
+    __slots__ = ()
 
-    def _fresh(self, leftover: bytes) -> h11.Connection:
-        self.pending = leftover  # read by _next_buffered
-        return _WAITING  # type: ignore[return-value]  # stands in for the parts we read
+    def fresh(self, leftover: bytes) -> Parser:
+        self.pending = leftover  # read by next_buffered
+        return _WAITING  # stands in for the parts we read
 
-    def _next_buffered(self) -> Any:
+    def next_buffered(self) -> Any:
         data, self.pending = self.pending, b""
-        return self._feed(data)
+        return self.feed(data)
 
-    def _feed(self, data: bytes) -> Any:
-        conn: Any = self.conn
+    def feed(self, data: bytes) -> Any:
+        conn = self.conn
         if conn is _WAITING:
             head = plain_head(data)
             if head is not None:
-                self.conn = head  # type: ignore[assignment]  # (a stand-in, as above)
+                self.conn = head
                 return head
-            conn = self.conn = super()._fresh(b"")
+            conn = self.conn = super().fresh(b"")
         conn.receive_data(data)
         return conn.next_event()
+
+
+class HttptoolsConnection(HttptoolsParsing, HTTPConnection):
+    """The Trio runtime's HTTPConnection, reading plain heads with llhttp."""
+
+    __slots__ = ()
 
 
 def plain_head(data: bytes) -> Head | None:

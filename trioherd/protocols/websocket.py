@@ -494,7 +494,8 @@ class _Core:
                     return
                 await self._pong.wait()
             if waited.cancelled_caught:
-                log.info("WebSocket client %s did not answer a ping: dropped", self._http.client)
+                client = self._http.exchange.client
+                log.info("WebSocket client %s did not answer a ping: dropped", client)
                 self._ended(ABNORMAL, "ping timeout")
                 _abort(self._http.stream)
                 return
@@ -629,7 +630,7 @@ class Upgrade:
     ) -> WebSocket:
         """Answer 101 Switching Protocols; from now on the connection is a WebSocket."""
         http = self.http
-        if self.websocket is not None or http.response_started:
+        if self.websocket is not None or http.exchange.response_started:
             raise RuntimeError("the WebSocket handshake was answered already")
         assert self.nursery is not None
         config = http.state.config

@@ -98,7 +98,7 @@ def read_handshake(http: HTTPConnection, request: RequestHead) -> Handshake | No
     version = None
     subprotocols: list[str] = []
     extensions: list[str] = []
-    for name, value in http.headers:
+    for name, value in http.exchange.headers:
         if name == b"upgrade":
             upgrade = upgrade or b"websocket" in _tokens(value)
         elif name == b"connection":
@@ -114,7 +114,7 @@ def read_handshake(http: HTTPConnection, request: RequestHead) -> Handshake | No
     if not (upgrade and connection):
         return None
     refusal: tuple[int, str, Fields] | None = None
-    if request.method != b"GET" or request.http_version != b"1.1" or not http.bodyless:
+    if request.method != b"GET" or request.http_version != b"1.1" or not http.exchange.bodyless:
         refusal = (400, "a WebSocket handshake is an HTTP/1.1 GET without a body", [])
     elif version != b"13":
         refusal = (426, f"WebSocket version {version!r}", [(b"sec-websocket-version", b"13")])
@@ -188,5 +188,5 @@ async def refuse(http: HTTPConnection, status: int, detail: str, extra: Fields) 
     body = b"%d %s\n" % (status, reason(status))
     headers = [(b"content-type", b"text/plain; charset=utf-8"), *extra]
     await http.send_complete(status, headers, body)
-    log.debug("%d to %s: %s", status, http.client, detail)
+    log.debug("%d to %s: %s", status, http.exchange.client, detail)
     return status
