@@ -33,25 +33,21 @@ The promise: **no accepted connection is lost**, whatever happens to a worker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 
 import trio
 
 from .. import _ipc
 from .._config import Config
-from .._errors import IPCProtocolError
-from .._listeners import Listener, accept_fd, defer_accept, queued_connections
+from .._listeners import Listener
 from .._policy import Dispatcher
-from . import sched as _sched
+from .accept import Acceptor
+from .moving import Mover
 from .process import WorkerProcess, WorkerState
-from .transit import WINDOW, Batch, Skip, Transit
+from .transit import WINDOW, Skip, Transit
 
 log = logging.getLogger("trioherd.primary")
 
-ACCEPT_BURST = 256  # accepts in a row before the batch is flushed
-OUT_OF_FDS_PAUSE = 0.05
 WATCH_INTERVAL = 0.1
 SETTLE_INTERVAL = 0.005
 """While the primary holds copies of passed connections, it reads the tallies at least
@@ -67,7 +63,7 @@ class Handoff:
     def __init__(self, listeners: list[Listener], config: Config) -> None:
         self.listeners = listeners
         self.shared = config.dispatch == "shared"
-        self._batch = config.batch_primary
+        self.acceptor = Acceptor(listeners, config.batch_primary)
         self._dispatcher: Dispatcher[WorkerProcess] = Dispatcher(
             config.dispatch, config.max_connections, WINDOW
         )
@@ -75,17 +71,7 @@ class Handoff:
         self._beat_overdue = max(1.0, 3 * min(1.0, config.worker_timeout / 4))
         self._capacity = trio.Event()
         self._holding = trio.Event()  # set while copies of passed connections are held
-        self._accept_scope = trio.CancelScope()
-        self._nursery: trio.Nursery | None = None
-        self._closing = False
-        self._deferring = False
-        self._moving = 0
-        """Connections waiting in ``_redispatch`` for a worker: they go before new ones."""
-        self.moved = 0
-        """Connections taken back from a worker (slow, hung, dead) and passed to another."""
-        self.dropped = 0
-        """Connections closed unanswered: only when the herd stopped and no worker was left
-        to take one that had to be moved."""
+        self.mover = Mover(self)
 
     # -- which workers get connections ----------------------------------------------------
 
@@ -116,7 +102,7 @@ class Handoff:
         transit = self._transit.setdefault(worker, Transit())
         if not transit.finished:
             transit.finished = True
-            self._send_end(worker)
+            self.mover.send_end(worker)
 
     def is_dispatching_to(self, worker: WorkerProcess) -> bool:
         return worker in self._dispatcher
@@ -134,7 +120,7 @@ class Handoff:
         if self._acknowledged(worker, transit, now):
             if transit.skip is not None:
                 self.heard_from(worker)
-            elif self._moving:  # room for the connections waiting to be moved
+            elif self.mover.waiting:  # room for the connections waiting to be moved
                 self.signal_capacity()
             return
         verdict = transit.verdict(now)
@@ -180,7 +166,7 @@ class Handoff:
         if transit is None:
             return
         transit.finished = True  # never admitted again
-        self._recall(worker, transit, restore_end=False)
+        self.mover.recall(worker, transit, restore_end=False)
         for batch in transit.take_all():
             _ipc.close_fds(batch.fds)
         worker.unacknowledged = 0
@@ -193,9 +179,9 @@ class Handoff:
         if transit is not None:
             # its last marks first: every store of it is visible now
             self._acknowledged(worker, transit, trio.current_time())
-            self._recall(worker, transit, restore_end=False)
+            self.mover.recall(worker, transit, restore_end=False)
             lost = transit.take_all()
-            self._move(worker, lost)
+            self.mover.move(worker, lost)
             if lost:
                 count = sum(len(batch.fds) for batch in lost)
                 log.info(
@@ -218,136 +204,71 @@ class Handoff:
         """Accept on every listener (not for the ``shared`` policy) and watch for workers
         that fall behind, until cancelled."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self.mover.nursery = nursery
             task_status.started()
             nursery.start_soon(self._watch)
             if not self.shared:
                 nursery.start_soon(self._settle_held)
-                with self._accept_scope, _sched.batched(self._batch):
-                    async with trio.open_nursery() as accepting:
-                        for index, listener in enumerate(self.listeners):
-                            accepting.start_soon(self._accept_loop, index, listener)
+                await self.acceptor.run(self)
             await trio.sleep_forever()
 
     def defer_accepts(self, on: bool) -> None:
-        """Accept TCP connections only once their first bytes came (``--defer-accept``,
-        for an HTTP app, as a worker's ready message says). Then the worker's first read
-        finds the request: no wait and wake-up per connection, and the primary's and the
-        workers' CPU for a new connection falls by about a sixth (docs/performance.md)."""
-        if on != self._deferring:
-            self._deferring = on
-            for listener in self.listeners:
-                defer_accept(listener, on)
+        """See Acceptor.defer (``--defer-accept``)."""
+        self.acceptor.defer(on)
 
     def close(self) -> None:
-        """Stop accepting and close the listeners: a client arriving now is refused at
-        once instead of waiting in a backlog nobody will accept from. Connections on
-        their way to a worker are still delivered if one can take them."""
-        if self._closing:
-            return
-        self._closing = True
-        self._accept_scope.cancel()
-        for listener in self.listeners:
-            trio.lowlevel.notify_closing(listener.sock)
-            listener.close()
-        self.signal_capacity()
+        """Stop accepting and close the listeners (Acceptor.close). Connections on their
+        way to a worker are still delivered if one can take them."""
+        if not self.acceptor.closing:
+            self.acceptor.close()
+            self.signal_capacity()
 
-    def _dispatch_later(self, fds: list[int], listener: int) -> None:
-        """Give ``fds`` to another worker from a task of their own; close them if the
-        hand-off no longer runs (the herd is gone)."""
-        try:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._redispatch, fds, listener)
-        except (AssertionError, RuntimeError):
-            _ipc.close_fds(fds)
-        else:
-            self._moving += len(fds)
+    # -- what the acceptor hands over ----------------------------------------------------
 
-    def _move(self, worker: WorkerProcess, batches: list[Batch]) -> None:
-        """Batches taken from ``worker`` (recalled, or never taken before it exited) go
-        to other workers."""
-        for batch in batches:
-            count = len(batch.fds)
-            worker.unacknowledged -= count
-            worker.dispatched -= count
-            self.moved += count
-            self._dispatch_later(batch.fds, batch.listener)
+    @property
+    def closing(self) -> bool:
+        """The listeners are closed: the herd stops."""
+        return self.acceptor.closing
 
-    # -- accepting ---------------------------------------------------------------------
+    @property
+    def moved(self) -> int:
+        """Connections taken back from a worker (slow, hung, dead) and passed to another."""
+        return self.mover.moved
 
-    async def _accept_loop(self, index: int, listener: Listener) -> None:
-        """Accept raw fds until EAGAIN (on TCP, as many as the kernel says wait) and pass
-        them on in batches; stop accepting while every worker is full, or connections
-        taken back from a worker still wait for another, so that the kernel backlog, not
-        our memory, holds new clients."""
-        sock = listener.sock
-        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            drained = False
-            while not drained:
-                if self._moving or not self._dispatcher.has_room():
-                    await self._wait_for_room()
-                    continue
-                if self._closing:  # closed while this task was already on its way back
-                    return  # from an await: the cancel would come only at the next one
-                # no await from the first accept to the flush: every fd accepted here is
-                # either handed over or closed, even if we are cancelled
-                batches, overflow, drained, pause = self._accept_batch(sock, tcp)
-                self._flush(batches, overflow, index)
-                self.settle()  # awake anyway: what the workers took meanwhile
-                if pause:  # out of fds or memory: give the workers a moment
-                    await trio.sleep(OUT_OF_FDS_PAUSE)
-                elif not drained:  # a long burst: let the other tasks run between rounds
-                    await trio.lowlevel.checkpoint()
-                # (drained: the wait for readability is the round's one checkpoint)
+    @property
+    def dropped(self) -> int:
+        """Connections closed unanswered: only when the herd stopped and no worker was left
+        to take one that had to be moved."""
+        return self.mover.dropped
 
-    def _accept_batch(
-        self, sock: socket.socket, tcp: bool
-    ) -> tuple[dict[WorkerProcess, list[int]], list[int], bool, bool]:
-        """Accept what is waiting, each fd assigned to the dispatcher's choice:
-        (fds by worker, fds no worker could take, drained, pause). On TCP the kernel
-        says how many wait: take those, and leave the rest to the next readiness,
-        instead of an accept() that only says EAGAIN. Each fd counts against its
-        worker's window as soon as it is assigned."""
-        pick = self._dispatcher.pick
-        batches: dict[WorkerProcess, list[int]] = {}
-        overflow: list[int] = []
-        budget = ACCEPT_BURST
-        if tcp:
-            budget = min(queued_connections(sock), ACCEPT_BURST) or ACCEPT_BURST
-        for _ in range(budget):
-            fd, pause = accept_fd(sock)
-            if fd is None:
-                return batches, overflow, True, pause
-            worker = pick()
-            if worker is None:  # every worker became full during this batch
-                overflow.append(fd)
-                break
-            worker.dispatched += 1
-            worker.unacknowledged += 1
-            fds = batches.setdefault(worker, [])
-            fds.append(fd)
-            if len(fds) == _ipc.MAX_FDS:  # a full packet: flush, then accept more
-                break
-        else:
-            return batches, overflow, budget < ACCEPT_BURST, False
-        return batches, overflow, False, False
+    def pick(self, count: int = 1) -> WorkerProcess | None:
+        """The worker the next ``count`` connections go to (None: all are full); they
+        count against it from now on (``dispatched``, ``unacknowledged``)."""
+        worker = self._dispatcher.pick()
+        if worker is not None:
+            worker.dispatched += count
+            worker.unacknowledged += count
+        return worker
 
-    def _flush(
+    def blocked(self) -> bool:
+        """No new connection should be accepted now: every worker is full, or connections
+        taken back from a worker still wait for another (they go first)."""
+        return bool(self.mover.waiting) or not self._dispatcher.has_room()
+
+    def flush(
         self, batches: dict[WorkerProcess, list[int]], overflow: list[int], index: int
     ) -> None:
         """Pass each batch; what a worker cannot take goes to another from a task of its
         own (outside the accept scope: a stop must not cancel it into a closed fd)."""
         for worker, fds in batches.items():
-            if not self._pass(worker, fds, index):
-                self._dispatch_later(fds, index)
+            if not self.offer(worker, fds, index):
+                self.mover.later(fds, index)
         if overflow:
-            self._dispatch_later(overflow, index)
+            self.mover.later(overflow, index)
 
     # -- passing -----------------------------------------------------------------------
 
-    def _pass(self, worker: WorkerProcess, fds: list[int], index: int) -> bool:
+    def offer(self, worker: WorkerProcess, fds: list[int], index: int) -> bool:
         """Pass fds (already counted against ``worker``) at once if it is still admitted
         and its channel has room; the primary keeps its copies until the worker
         acknowledges them. Else uncount them and, if its channel is full or broken, take
@@ -382,79 +303,17 @@ class Handoff:
                 log.warning("worker %d (pid %d) %s; skipping it", worker.id, worker.pid, why)
                 tally = worker.tally
                 transit.activity = (tally.opened, tally.closed)
-            self._recall(worker, transit)
+            self.mover.recall(worker, transit)
         else:
             log.debug("worker %d (pid %d) %s; pausing it", worker.id, worker.pid, why)
         transit.skip = skip
         self._dispatcher.remove(worker)
 
     def _admissible(self, worker: WorkerProcess) -> bool:
-        return worker.state is WorkerState.READY and worker.slot.active and not self._closing
+        ready = worker.state is WorkerState.READY and worker.slot.active
+        return ready and not self.acceptor.closing
 
-    async def _redispatch(self, fds: list[int], index: int) -> None:
-        """Give fds that a worker could not take (or never took) to another worker."""
-        handed = False
-        try:
-            while not handed:
-                worker = self._dispatcher.pick()
-                if worker is None:
-                    if self._closing:
-                        log.warning("stopping: %d connections had no worker left", len(fds))
-                        self.dropped += len(fds)
-                        return
-                    await self._wait_for_room()
-                    continue
-                worker.dispatched += len(fds)
-                worker.unacknowledged += len(fds)
-                handed = self._pass(worker, fds, index)
-        finally:
-            self._moving -= len(fds)
-            if not handed:
-                _ipc.close_fds(fds)
-
-    # -- taking back what a worker has not taken -------------------------------------
-
-    def _recall(self, worker: WorkerProcess, transit: Transit, restore_end: bool = True) -> None:
-        """Take every packet still queued for ``worker`` out of its channel and dispatch
-        the batches again; put the end marker back if it was among them."""
-        recalled: set[int] = set()
-        end = False
-        while True:
-            try:
-                data, copies = worker.recall.receive_nowait()
-            except (BlockingIOError, _ipc.ChannelClosed, IPCProtocolError, OSError):
-                break
-            _ipc.close_fds(copies)  # the same connections as the primary's own copies
-            try:
-                listener, seq = _ipc.decode_conn(data)
-            except IPCProtocolError:
-                continue
-            if listener == _ipc.END_OF_CONNS:
-                end = True
-            else:
-                recalled.add(seq)
-        if recalled:
-            self._move(worker, transit.take_back(recalled))
-            log.info("recalled %d batches from worker %d", len(recalled), worker.id)
-        if end and restore_end:
-            self._send_end(worker)
-
-    def _send_end(self, worker: WorkerProcess) -> None:
-        """Queue the end marker behind the worker's last batch (from a task if its channel
-        is full)."""
-        marker = _ipc.encode_conn(_ipc.END_OF_CONNS, 0)
-        with contextlib.suppress(_ipc.ChannelClosed, OSError):
-            if worker.conns.offer(marker):
-                return
-            if self._nursery is not None:
-                self._nursery.start_soon(self._send_end_later, worker.conns, marker)
-
-    @staticmethod
-    async def _send_end_later(conns: _ipc.Channel, marker: bytes) -> None:
-        with contextlib.suppress(_ipc.ChannelClosed, OSError, trio.ClosedResourceError):
-            await conns.send(marker)
-
-    async def _wait_for_room(self) -> None:
+    async def wait_for_room(self) -> None:
         """Until a worker may have room: one was admitted or went away, or, as neither a
         close nor an acknowledgement sends a message, the next look at the tallies."""
         with trio.move_on_after(FULL_RECHECK):

@@ -232,6 +232,29 @@ class WorkerProcess:
 
     # -- the end ---------------------------------------------------------------------------
 
+    def take_back_queued(self) -> tuple[set[int], bool]:
+        """Take every packet still queued for this worker out of its connection channel
+        (through the primary's copy of its receiving end: what is taken here, the worker
+        never gets), closing the fds that came with them (the primary holds its own
+        copies). The sequence numbers of the batches taken, and whether the end marker
+        was among them."""
+        taken: set[int] = set()
+        end = False
+        while True:
+            try:
+                data, copies = self.recall.receive_nowait()
+            except (BlockingIOError, _ipc.ChannelClosed, IPCProtocolError, OSError):
+                return taken, end
+            _ipc.close_fds(copies)  # the same connections as the primary's own copies
+            try:
+                listener, seq = _ipc.decode_conn(data)
+            except IPCProtocolError:
+                continue
+            if listener == _ipc.END_OF_CONNS:
+                end = True
+            else:
+                taken.add(seq)
+
     def record_exit(self) -> None:
         code = self.process.returncode
         if code is not None and code < 0:
