@@ -176,3 +176,38 @@ def test_the_package_has_its_rooms_and_the_worker_side_never_imports_the_primary
                 if target.split(".")[0] in SIDES["primary"]
             ]
     assert wrong == []
+
+
+# the protocol cores: what an asyncio runtime would reuse as it is
+CORES = ("protocols.h1core", "protocols.shared", "protocols.framing")
+RUNTIMES = ("trio", "asyncio", "anyio", "trio_asyncio")
+
+
+def _runtime_imports(tree: ast.Module) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(RUNTIMES)
+
+
+def test_the_protocol_cores_import_no_runtime() -> None:
+    """The sans-IO cores, and every module of the package they import, directly or not,
+    import no event loop library: a runtime extends a core, a core never picks one."""
+    modules = _modules()
+    known = set(modules)
+    wrong = []
+    for core in CORES:
+        seen, todo = set(), [core]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            runtimes = _runtime_imports(modules[name])
+            if runtimes:
+                wrong.append(f"{core} -> {name} imports {sorted(runtimes)}")
+            todo += _imports(name, modules[name], known) - {"__init__"}
+    assert wrong == []
