@@ -98,19 +98,31 @@ def looks_asyncio_only(exc: BaseException | None) -> str | None:
         if isinstance(current, RuntimeError | TypeError) and any(
             symptom in text for symptom in _SYMPTOMS
         ):
-            return f"{type(current).__name__}: {text.splitlines()[0][:200]}"
+            return f"{type(current).__name__}: {_first_sentence(text)}"
         if type(current).__name__ == "AsyncLibraryNotFoundError":  # sniffio
-            return f"{type(current).__name__}: {text[:200]}"
+            return f"{type(current).__name__}: {_first_sentence(text)}"
         if isinstance(current, BaseExceptionGroup):
             stack.extend(current.exceptions)
         stack.extend((current.__cause__, current.__context__))
     return None
 
 
-HINT = (
-    "the app needs an asyncio event loop: serve it with --asyncio "
-    "(pip install 'trioherd[asyncio]')"
-)
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The error's first sentence (trio's "unrecognized yield message" goes on with advice
+    this hint replaces), cut at a word, never inside one, past ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    return sentence[:limit].rsplit(" ", 1)[0] + " …"
+
+
+NEED = "the app needs an asyncio event loop"
+WAY_OUT = "serve it with --asyncio (pip install 'trioherd[asyncio]')"
+HINT = f"{NEED}: {WAY_OUT}"
+"""Added to a boot error's text; a request's error gets one log line with the reason:
+``the app needs an asyncio event loop (RuntimeError: no running event loop): serve it
+with --asyncio (pip install 'trioherd[asyncio]')`` (docs/operations.md shows it)."""
 
 
 def with_hint(text: str, config: Config) -> str:
@@ -135,5 +147,5 @@ class AsyncioHint(logging.Filter):
             symptom = looks_asyncio_only(record.exc_info[1])
             if symptom is not None:
                 self.told = True
-                log.error("%s (%s)", HINT, symptom)
+                log.error("%s (%s): %s", NEED, symptom, WAY_OUT)
         return True
