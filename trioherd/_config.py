@@ -99,9 +99,10 @@ class Config(
             raise ConfigError(
                 "http", "httptools is not installed: pip install trioherd[httptools]"
             )
-        problem = check_spec(self.forwarded_allow_ips)
-        if problem is not None:
-            raise ConfigError("forwarded_allow_ips", problem)
+        for name in ("forwarded_allow_ips", "proxy_protocol_allow_ips"):
+            problem = check_spec(getattr(self, name))
+            if problem is not None:
+                raise ConfigError(name, problem)
 
     @property
     def tls(self) -> bool:

@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+from .protocols.forwarded import FAMILIES, X_FORWARDED
+
 DISPATCH_POLICIES = ("round-robin", "least-busy", "shared")
 INTERFACES = ("auto", "native", "asgi", "stream")
 CLIENT_CERT_MODES = ("none", "optional", "required")
@@ -378,22 +380,56 @@ class TLSOptions:
 
 @attrs.frozen(kw_only=True, slots=False)
 class EdgeOptions:
-    """What sits in front of the herd: the proxies whose word about a client is believed."""
+    """What sits in front of the herd: the proxies whose word about a client is believed,
+    and the balancers a stopping herd gives time to take it out of rotation."""
 
     forwarded_allow_ips: str = attrs.field(
         default="127.0.0.1,::1",
         metadata=option(
             "str",
-            "peers whose X-Forwarded-For/-Proto and Forwarded headers set the client address "
-            "and scheme: comma list of IPs and CIDRs, * for all (Unix sockets are trusted)",
+            "peers whose forwarded headers (the family --forwarded-headers names) set the "
+            "client address and scheme: comma list of IPs and CIDRs, * for all (Unix "
+            "sockets are trusted)",
+        ),
+    )
+    forwarded_headers: str = attrs.field(
+        default=X_FORWARDED,
+        metadata=option(
+            "choice",
+            "the family of forwarded headers read from a trusted peer: x-forwarded "
+            "(X-Forwarded-For and X-Forwarded-Proto, as nginx, HAProxy, AWS ELB and Traefik "
+            "set them) or forwarded (RFC 7239 Forwarded); the other family reaches the app "
+            "untouched and is never applied",
+            choices=FAMILIES,
         ),
     )
     proxy_protocol: bool = attrs.field(
         default=False,
         metadata=option(
             "bool",
-            "every connection starts with a PROXY protocol header (v1 or v2, as HAProxy's "
-            "send-proxy); the client address comes from it",
+            "connections from the peers in --proxy-protocol-allow-ips start with a PROXY "
+            "protocol header (v1 or v2, as HAProxy's send-proxy); the client address comes "
+            "from it",
+        ),
+    )
+    proxy_protocol_allow_ips: str = attrs.field(
+        default="127.0.0.1,::1",
+        metadata=option(
+            "str",
+            "with --proxy-protocol, the peers whose PROXY headers are believed: comma list "
+            "of IPs and CIDRs, * for all (Unix sockets are allowed); another peer's "
+            "connection is served as it is, and closed unanswered if it starts with a PROXY "
+            "header",
+        ),
+    )
+    drain_delay: float = attrs.field(
+        default=0.0,
+        metadata=option(
+            "float",
+            "seconds a graceful stop keeps the listeners accepting and serving after "
+            "/readyz turned 503, so that balancers take the herd out of rotation first; "
+            "then the listeners close and the workers drain",
+            minimum=0,
         ),
     )
 

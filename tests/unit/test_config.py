@@ -127,6 +127,7 @@ SPECIAL: dict[str, tuple[list[str], object]] = {
     "bind": (["127.0.0.1:1", "[::1]:2"], ["127.0.0.1:1", "[::1]:2"]),
     "metrics_bind": (["127.0.0.1:9100"], "127.0.0.1:9100"),
     "forwarded_allow_ips": (["10.0.0.0/8,::1"], "10.0.0.0/8,::1"),
+    "proxy_protocol_allow_ips": (["10.0.0.0/8,::1"], "10.0.0.0/8,::1"),
     "max_header_size": (["1024"], 1024),
     "ws_per_message_deflate": (["false"], False),  # on by default: --no-ws-per-message-deflate
     "batch_primary": (["false"], False),  # on by default: --no-batch-primary

@@ -1,14 +1,25 @@
-"""The PROXY protocol parser, and reading a header off a socket without reading past it."""
+"""The PROXY protocol parser, reading a header off a socket without reading past it, and
+the gate that believes headers from the allowed peers only."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 
 import pytest
 import trio
 
-from trioherd.protocols.proxyproto import NeedData, ProxyProtocolError, parse, read_header
+from trioherd.protocols.proxyproto import (
+    LOG_INTERVAL,
+    NeedData,
+    ProxyGate,
+    ProxyProtocolError,
+    parse,
+    peeks_like_header,
+    read_header,
+    starts_like_header,
+)
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -108,3 +119,133 @@ async def test_read_header_times_out_and_rejects(autojump_clock: trio.abc.Clock)
         a.sendall(b"GET / HTTP/1.1\r\n\r\n")
         with pytest.raises(ProxyProtocolError):
             await read_header(b, trio.current_time() + 10)
+
+
+# -- whose headers are believed (--proxy-protocol-allow-ips) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", True),
+        (b"PROXY ", True),
+        (SIG, True),
+        (SIG + b"\x21\x11", True),
+        (b"", None),
+        (b"P", None),
+        (b"PROXY", None),
+        (SIG[:11], None),
+        (b"GET / HTTP/1.1\r\n", False),
+        (b"POST", False),
+        (b"PROPFIND / HTTP/1.1", False),  # WebDAV: parts from PROXY at its fourth byte
+        (b"PROXYZ", False),
+        (b"\x16\x03\x01\x02\x00", False),  # a TLS ClientHello
+        (b"\r\n\r\nGET", False),
+    ],
+)
+def test_starts_like_header_tells_as_soon_as_it_can(data: bytes, verdict: bool | None) -> None:
+    assert starts_like_header(data) is verdict
+
+
+def test_the_gate_allows_its_list_and_unix_peers() -> None:
+    gate = ProxyGate("127.0.0.2,10.0.0.0/8", timeout=5)
+    assert gate.allows(("127.0.0.2", 1)) and gate.allows(("10.1.2.3", 1))
+    assert gate.allows(None)  # a Unix socket: only local processes reach it
+    assert not gate.allows(("127.0.0.1", 1)) and not gate.allows(("::1", 1))
+    assert ProxyGate("*", timeout=5).allows(("203.0.113.9", 1))
+    assert not ProxyGate("", timeout=5).allows(("127.0.0.1", 1))
+
+
+def test_refusals_are_logged_at_most_once_a_second_with_their_count() -> None:
+    gate = ProxyGate("127.0.0.2", timeout=5)
+    assert gate.report(0.0) is None  # nothing to say
+    gate.refused, gate.unlogged, gate.last = 1, 1, ("203.0.113.9", 4000)
+    assert gate.report(100.0) == (
+        "closed 1 connection unanswered: a PROXY header from a peer not in "
+        "--proxy-protocol-allow-ips (the last from 203.0.113.9 port 4000); 1 since the "
+        "worker started"
+    )
+    gate.refused, gate.unlogged, gate.last = 4, 3, ("198.51.100.1", 5)
+    assert gate.report(100.0 + LOG_INTERVAL / 2) is None  # too soon: kept for later
+    line = gate.report(100.0 + LOG_INTERVAL)
+    assert line is not None and line.startswith("closed 3 connections unanswered")
+    assert line.endswith("(the last from 198.51.100.1 port 5); 4 since the worker started")
+    assert gate.unlogged == 0 and gate.report(200.0) is None
+
+
+async def test_a_burst_of_refusals_is_one_line_then_one_for_the_rest(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = ProxyGate("127.0.0.2", timeout=5)
+    with caplog.at_level(logging.WARNING, logger="trioherd.worker"):
+        for port in range(1, 6):
+            gate.refuse(("127.0.0.1", port), trio.current_time())
+        assert [r.getMessage()[:30] for r in caplog.records] == ["closed 1 connection unanswered"]
+        assert gate.flush_due
+        start = trio.current_time()
+        with trio.fail_after(10 * LOG_INTERVAL):  # the rest, once a second has passed
+            while gate.flush_due:
+                await trio.sleep(0.01)
+        assert trio.current_time() - start >= LOG_INTERVAL
+        assert len(caplog.records) == 2
+        assert caplog.records[1].getMessage().startswith("closed 4 connections unanswered")
+        assert "port 5); 5 since the worker started" in caplog.records[1].getMessage()
+    assert gate.refused == 5 and not gate.flush_due
+
+
+async def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on 127.0.0.1: (client, the server's non-blocking end)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    server.setblocking(False)
+    return client, server
+
+
+def low_water(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+
+async def test_peeking_waits_for_the_byte_that_tells_and_reads_nothing() -> None:
+    client, server = await tcp_pair()
+    with client, server:
+        client.sendall(b"PRO")
+        verdict: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def peek() -> None:
+                verdict.append(await peeks_like_header(server, trio.current_time() + 30))
+
+            nursery.start_soon(peek)
+            with trio.fail_after(30):  # it waits for a fourth byte (SO_RCVLOWAT)
+                while low_water(server) != 4:
+                    await trio.sleep(0.01)
+            assert verdict == []
+            client.sendall(b"XY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
+        assert verdict == [True] and low_water(server) == 1
+        assert server.recv(100).startswith(b"PROXY TCP4")  # every byte still there
+
+
+async def test_peeking_a_request_or_an_early_end() -> None:
+    client, server = await tcp_pair()
+    with client, server:
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert not await peeks_like_header(server, trio.current_time() + 30)
+        assert server.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+    client, server = await tcp_pair()
+    with client, server:
+        client.sendall(SIG[:4])
+        async with trio.open_nursery() as nursery:
+            verdict: list[bool] = []
+
+            async def peek() -> None:
+                verdict.append(await peeks_like_header(server, trio.current_time() + 30))
+
+            nursery.start_soon(peek)
+            with trio.fail_after(30):
+                while low_water(server) != 5:
+                    await trio.sleep(0.01)
+            client.shutdown(socket.SHUT_WR)  # the client is done: no header after all
+        assert verdict == [False] and low_water(server) == 1

@@ -56,7 +56,9 @@ class Herd:
         self.on_state_change: Callable[[str], None] | None = None
         self.hub = EventHub()  # its events: subscribe (as events() does) or observe
         replace = partial(self._replace, wait=False)  # a slot may recycle again at once
-        self.supervisor = Supervisor(config, handoff, self.hub, replace, self.stop)
+        give_up = partial(self._stop, drain_delay=0.0)  # what boots never reaches a balancer
+        self.supervisor = Supervisor(config, handoff, self.hub, replace, give_up)
+        self._stop_asked = False
         self._stopped = trio.Event()
         self._rolling = trio.Lock()
 
@@ -79,7 +81,9 @@ class Herd:
 
     @property
     def stopping(self) -> bool:
-        return self.supervisor.stopping
+        """A stop was asked for: ``/readyz`` answers 503, and the herd takes no reload or
+        scale (its listeners may still serve, through ``--drain-delay``)."""
+        return self._stop_asked
 
     @property
     def started(self) -> bool:
@@ -115,12 +119,29 @@ class Herd:
                     await worker.channel.send(data)
 
     async def stop(self) -> None:
-        """Graceful stop: stop accepting, disconnect every worker in parallel, wait."""
-        if self.stopping:
+        """Graceful stop: ``stopping`` at once (``/readyz`` answers 503), then, after
+        ``--drain-delay`` seconds in which the listeners accept and the workers serve as
+        before, stop accepting, disconnect every worker in parallel, and wait."""
+        delay = self.config.drain_delay if self.started else 0.0  # nobody sent traffic yet
+        await self._stop(drain_delay=delay)
+
+    async def _stop(self, drain_delay: float) -> None:
+        if self._stop_asked:
             await self._stopped.wait()
             return
-        self.supervisor.stopping = self.supervisor.recycler.stopping = True
+        self._stop_asked = True
         self._notify("stopping")
+        if drain_delay > 0:
+            log.info(
+                "stopping: /readyz answers 503; serving on for %gs (--drain-delay), then "
+                "closing the listeners",
+                drain_delay,
+            )
+            with trio.move_on_after(drain_delay):
+                await self._stopped.wait()  # a stop at once ends the delay
+            if self._stopped.is_set():
+                return
+        self.supervisor.stopping = self.supervisor.recycler.stopping = True
         workers = self.supervisor.workers
         log.info("stopping: disconnecting %s", plural(len(workers), "worker"))
         self.handoff.close()
@@ -133,7 +154,7 @@ class Herd:
 
     def force_stop(self) -> None:
         """Stop at once: kill every worker."""
-        self.forced = True
+        self.forced = self._stop_asked = True
         self.supervisor.stopping = self.supervisor.recycler.stopping = True
         for worker in self.supervisor.workers:
             worker.kill(signal.SIGKILL, "stop at once")
@@ -241,8 +262,9 @@ class Herd:
             raise ReloadError(f"cannot start a worker: {exc}") from None
         with trio.move_on_after(self.config.boot_timeout) as waited:
             await _first(new.ready_event, new.exited_event)
-        if self.stopping or not slot.active:
-            # a stop or a scale-down came meanwhile: the replacement is not wanted
+        if self.supervisor.stopping or not slot.active:
+            # a stop (past its drain delay) or a scale-down came meanwhile: the replacement
+            # is not wanted
             if new.state is not WorkerState.EXITED:
                 await self._disconnect(new, reason)
             return False

@@ -2,8 +2,12 @@
 
 Sans-IO. Only a peer in ``--forwarded-allow-ips`` is believed; from any other peer the
 headers are passed to the app untouched and not applied, so a client cannot claim another
-address. Of RFC 7239 ``Forwarded`` and the de-facto ``X-Forwarded-For`` /
-``X-Forwarded-Proto``, ``Forwarded`` wins when it is present and valid.
+address. Of the two families, the de-facto ``X-Forwarded-For`` / ``X-Forwarded-Proto``
+(what nginx, HAProxy, AWS ELB and Traefik set) and RFC 7239 ``Forwarded``, only the one
+``--forwarded-headers`` names is read; the other is passed to the app untouched and never
+applied, even from a trusted peer. A proxy appends to the family it sets and passes a
+client's own headers of the other family through, so reading both would let a client
+behind a trusted proxy claim any address and scheme.
 
 The client is the right-most address of the chain that is not itself a trusted proxy:
 each proxy appends the address it received the request from, so everything to the right
@@ -21,11 +25,20 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _KNOWN_MAX = 1024
 _SCHEMES = {b"http": "http", b"https": "https", b"ws": "http", b"wss": "https"}
 
+X_FORWARDED = "x-forwarded"
+FORWARDED = "forwarded"
+FAMILIES = (X_FORWARDED, FORWARDED)
+"""The values of ``--forwarded-headers``: which family of headers is read."""
+
 
 class TrustedPeers:
-    """The peers whose forwarded headers are believed: IPs and CIDRs, or ``*`` for all."""
+    """The peers whose forwarded headers are believed: IPs and CIDRs, or ``*`` for all;
+    ``family`` is the family of headers read from them (:data:`FAMILIES`)."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, family: str = X_FORWARDED) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"no family of forwarded headers is called {family!r}")
+        self.family = family
         self.everyone = False
         self.networks: list[_Network] = []
         # answers by host string: parsing an address costs ~4 us, on every request that
@@ -61,7 +74,8 @@ class TrustedPeers:
 
 
 def check_spec(spec: str) -> str | None:
-    """What is wrong with a --forwarded-allow-ips value, or None."""
+    """What is wrong with a list of IPs and CIDRs (``--forwarded-allow-ips``,
+    ``--proxy-protocol-allow-ips``), or None."""
     try:
         TrustedPeers(spec)
     except ValueError as exc:
@@ -75,25 +89,25 @@ def apply(
     scheme: str,
     trusted: TrustedPeers,
 ) -> tuple[Address | None, str]:
-    """(client, scheme) for a request from ``peer`` with these (lower-case) headers.
-    A peer on a Unix socket (``None``) can only be local, and is trusted."""
+    """(client, scheme) for a request from ``peer`` with these (lower-case) headers, read
+    from the family ``trusted.family`` names only. A peer on a Unix socket (``None``) can
+    only be local, and is trusted."""
     if peer is not None and peer[0] not in trusted:
         return peer, scheme
-    forwarded: list[bytes] = []
+    if trusted.family == FORWARDED:
+        forwarded = [value for name, value in headers if name == b"forwarded"]
+        found = _from_forwarded(b",".join(forwarded), trusted) if forwarded else None
+        if found is None:
+            return peer, scheme
+        client, proto = found
+        return client or peer, proto or scheme
     xff: list[bytes] = []
     xfp: list[bytes] = []
     for name, value in headers:
-        if name == b"forwarded":
-            forwarded.append(value)
-        elif name == b"x-forwarded-for":
+        if name == b"x-forwarded-for":
             xff.append(value)
         elif name == b"x-forwarded-proto":
             xfp.append(value)
-    if forwarded:
-        found = _from_forwarded(b",".join(forwarded), trusted)
-        if found is not None:
-            client, proto = found
-            return client or peer, proto or scheme
     if xff or xfp:
         return _from_x_forwarded(b",".join(xff), b",".join(xfp), peer, scheme, trusted)
     return peer, scheme

@@ -1,17 +1,32 @@
 """The PROXY protocol (HAProxy's, v1 text and v2 binary): the real client address a load
 balancer puts in front of every connection it opens to the herd.
 
-:func:`parse` is sans-IO. :func:`read_header` reads one header from a raw socket inside
-the worker without reading a byte past it (each read is sized by what a peek showed), so
-what follows — an HTTP request, or a TLS ClientHello — is left for the next layer.
+:func:`parse` and :func:`starts_like_header` are sans-IO. :func:`read_header` reads one
+header from a raw socket inside the worker without reading a byte past it (each read is
+sized by what a peek showed), so what follows — an HTTP request, or a TLS ClientHello — is
+left for the next layer; :func:`peeks_like_header` only peeks.
+
+:class:`ProxyGate` decides whose header is believed (``--proxy-protocol-allow-ips``): a
+connection from an allowed peer must start with a header; one from another peer is served
+as it is, with its socket's address, unless it starts with a header anyway: then it is a
+forgery (anyone can write one), and the connection is closed unanswered, counted and
+logged, at most one line per :data:`LOG_INTERVAL`. So forwarded-header trust is decided on
+the socket's peer, or on the address named by a header that came from an allowed peer,
+never on an address a stranger claims.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import socket
 import struct
 
 import trio
+
+from .forwarded import TrustedPeers
+
+log = logging.getLogger("trioherd.worker")
 
 Address = tuple[str, int]
 
@@ -28,6 +43,10 @@ class ProxyProtocolError(Exception):
 
 class NeedData(Exception):
     """The data is the beginning of a header: every byte of it belongs to the header."""
+
+
+class ForgedHeader(ProxyProtocolError):
+    """A PROXY header from a peer that is not allowed to send one."""
 
 
 def parse(data: bytes) -> tuple[Address | None, int]:
@@ -117,3 +136,110 @@ async def read_header(sock: socket.socket, deadline: float) -> Address | None:
                 continue
             sock.recv(length - len(data))  # peeked, so it is all there
             return address
+
+
+def starts_like_header(data: bytes) -> bool | None:
+    """Whether the first bytes of a connection begin a PROXY header (v1's ``PROXY `` or
+    v2's signature): True or False, or None while they are too few to tell."""
+    for signature in (V1_PREFIX, V2_SIGNATURE):
+        if signature.startswith(data[: len(signature)]):
+            return True if len(data) >= len(signature) else None
+    return False
+
+
+async def peeks_like_header(sock: socket.socket, deadline: float) -> bool:
+    """Whether a connection starts with a PROXY header, read by ``deadline`` (trio time)
+    without taking a byte off the socket. While the bytes there are too few to tell, it
+    waits for one more (``SO_RCVLOWAT``); a peer that closes its side before that does not
+    start with a header. Raises trio.TooSlowError past the deadline."""
+    wanted = 0  # bytes the socket waits for (SO_RCVLOWAT), once the first were too few
+    try:
+        with trio.fail_at(deadline):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                peeked = sock.recv(len(V2_SIGNATURE), socket.MSG_PEEK)
+                if not peeked or len(peeked) < wanted:  # readable with no more: the end
+                    return False
+                verdict = starts_like_header(peeked)
+                if verdict is not None:
+                    return verdict
+                wanted = len(peeked) + 1
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+    finally:
+        if wanted:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+LOG_INTERVAL = 1.0
+"""Seconds between two log lines about refused PROXY headers (a line carries a count)."""
+
+
+class ProxyGate:
+    """Whose PROXY headers a worker believes (``--proxy-protocol-allow-ips``), and the
+    count of the connections it refused for a header from anyone else."""
+
+    def __init__(self, allow_ips: str, timeout: float) -> None:
+        self.allowed = TrustedPeers(allow_ips)
+        self.timeout = timeout  # for the header, or the bytes that tell there is none
+        self.refused = 0  # connections closed for a header from a peer not allowed
+        self.unlogged = 0  # of those, how many no log line counted yet
+        self.last: Address = ("", 0)  # the peer of the last one
+        self.logged_at = -math.inf
+        self.flush_due = False  # a line for the unlogged is due at logged_at + LOG_INTERVAL
+
+    def allows(self, peer: Address | None) -> bool:
+        """A peer on a Unix socket (None) can only be local, and is allowed."""
+        return peer is None or peer[0] in self.allowed
+
+    async def client(self, sock: socket.socket, peer: Address | None) -> Address | None:
+        """The client of a new connection from ``peer``: the address the PROXY header of
+        an allowed peer names (None: keep the socket's, as for LOCAL and UNKNOWN), or
+        ``peer`` itself for a connection from another peer without a header. Raises
+        ForgedHeader for a header from a peer not allowed, ProxyProtocolError for no valid
+        header from an allowed one, trio.TooSlowError past the timeout: close it."""
+        deadline = trio.current_time() + self.timeout
+        if self.allows(peer):
+            return await read_header(sock, deadline)
+        if not await peeks_like_header(sock, deadline):
+            return peer
+        assert peer is not None
+        self.refuse(peer, trio.current_time())
+        raise ForgedHeader(f"a PROXY header from {peer[0]}, not in --proxy-protocol-allow-ips")
+
+    def refuse(self, peer: Address, now: float) -> None:
+        """Count a refused connection and log it, or leave it to the next line."""
+        self.refused += 1
+        self.unlogged += 1
+        self.last = peer
+        line = self.report(now)
+        if line is not None:
+            log.warning(line)
+        elif not self.flush_due:
+            self.flush_due = True
+            trio.lowlevel.spawn_system_task(self._flush)
+
+    def report(self, now: float) -> str | None:
+        """The log line for the refusals no line counted yet; None if there are none, or
+        while the last line is less than LOG_INTERVAL old (sans-IO: ``now`` is any
+        clock's)."""
+        if not self.unlogged or now - self.logged_at < LOG_INTERVAL:
+            return None
+        count, self.unlogged, self.logged_at = self.unlogged, 0, now
+        closed = "1 connection" if count == 1 else f"{count} connections"
+        host, port = self.last
+        return (
+            f"closed {closed} unanswered: a PROXY header from a peer not in "
+            f"--proxy-protocol-allow-ips (the last from {host} port {port}); "
+            f"{self.refused} since the worker started"
+        )
+
+    async def _flush(self) -> None:
+        """Log what the refusals since the last line were, once that line is old enough
+        (also when the worker ends first)."""
+        try:
+            await trio.sleep_until(self.logged_at + LOG_INTERVAL)
+        finally:
+            self.flush_due = False
+            line = self.report(self.logged_at + LOG_INTERVAL)
+            if line is not None:
+                log.warning(line)

@@ -35,7 +35,7 @@ class ServerState:
         self.asgi_state: dict[str, Any] = {}
         self.on_request: Callable[[], None] | None = None
         self.websockets: set[Any] = set()  # open WebSockets (protocols.websocket.WebSocket)
-        self.trusted = TrustedPeers(config.forwarded_allow_ips)  # whose forwarded headers
+        self.trusted = TrustedPeers(config.forwarded_allow_ips, config.forwarded_headers)
         self.edge: EdgeWaiter | None = None  # plain connections wait on it (the worker's)
         # trio.current_time, or once the sweeper runs the run's clock's own method: the
         # same time, without the two calls in between (it is read for every request)

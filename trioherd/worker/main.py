@@ -50,7 +50,7 @@ from ..apps import loading as _app
 from ..apps.asgi import ASGIAdapter
 from ..apps.native import NativeAdapter
 from ..protocols.http1 import Adapter, HTTPConnection
-from ..protocols.proxyproto import ProxyProtocolError, read_header
+from ..protocols.proxyproto import ForgedHeader, ProxyGate, ProxyProtocolError
 from ..protocols.rawstream import EdgeWaiter, RawSocketStream
 from ..protocols.state import ServerState
 from . import aio as _aio
@@ -526,9 +526,10 @@ def _adapter(app: Any, interface: str, state: ServerState) -> Adapter:
 
 def _stream_handler(app: Any, ssl_context: Any, config: Config) -> Handler:
     """A raw stream handler: the app gets the stream (after the TLS handshake, if any)."""
+    gate = _proxy_gate(config)
 
     async def handle_stream(sock: socket.socket) -> None:
-        if await _addresses(sock, config) is None:
+        if await _addresses(sock, gate) is None:
             return
         plain = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         stream: trio.abc.Stream = plain
@@ -560,15 +561,26 @@ def _socket_addresses(sock: socket.socket) -> tuple[Any, Any] | None:
     return None, None  # a Unix socket has no client address
 
 
-async def _addresses(sock: socket.socket, config: Config) -> tuple[Any, Any] | None:
-    """As :func:`_socket_addresses`, but with --proxy-protocol the client is the one its
-    PROXY header names. None: close it."""
+def _proxy_gate(config: Config) -> ProxyGate | None:
+    """With --proxy-protocol, the worker's judge of PROXY headers (one per worker: it
+    counts the refused ones); within --header-timeout a header must come, or the bytes that
+    show there is none."""
+    if not config.proxy_protocol:
+        return None
+    return ProxyGate(config.proxy_protocol_allow_ips, config.header_timeout)
+
+
+async def _addresses(sock: socket.socket, gate: ProxyGate | None) -> tuple[Any, Any] | None:
+    """As :func:`_socket_addresses`, but with --proxy-protocol the client is the one the
+    PROXY header of an allowed peer names. None: close it."""
     found = _socket_addresses(sock)
-    if found is None or not config.proxy_protocol:
+    if found is None or gate is None:
         return found
     client, server = found
     try:
-        source = await read_header(sock, trio.current_time() + config.header_timeout)
+        source = await gate.client(sock, client)
+    except ForgedHeader:
+        return None  # counted and logged by the gate
     except (ProxyProtocolError, trio.TooSlowError, OSError) as exc:
         log.debug("closing a connection without a valid PROXY header: %s", exc or "timeout")
         return None
@@ -582,9 +594,10 @@ def _tls_handler(
     from .._tls import handshake
 
     config = state.config
+    gate = _proxy_gate(config)
 
     async def handle_tls(sock: socket.socket) -> None:
-        addresses = await _addresses(sock, config)
+        addresses = await _addresses(sock, gate)
         if addresses is None:
             return
         client, server = addresses
@@ -602,13 +615,13 @@ def _plain_handler(
     state: ServerState, adapter: Adapter, connection: type[HTTPConnection]
 ) -> Handler:
     """Plain HTTP over a raw non-blocking socket (see ``protocols.rawstream``)."""
-    config = state.config
+    gate = _proxy_gate(state.config)
 
     async def handle(sock: socket.socket) -> None:
         # (no coroutine for the addresses without a PROXY header to read: one per
         # connection is measurable)
-        if config.proxy_protocol:
-            addresses = await _addresses(sock, config)
+        if gate is not None:
+            addresses = await _addresses(sock, gate)
         else:
             addresses = _socket_addresses(sock)
         if addresses is None:
