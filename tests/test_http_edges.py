@@ -218,6 +218,53 @@ async def test_a_chunk_over_the_body_limit_is_refused_without_waiting_for_it(
         assert status == expected, data
 
 
+# -- issue 24: absolute-form targets, bare-LF chunk lines ------------------------------------
+
+
+async def test_an_absolute_form_target_gives_its_path_and_its_authority_as_the_host() -> None:
+    """RFC 9112 3.2.2: the target's authority replaces Host, the path is the target's path
+    (``/`` if it has none), for the native and the ASGI interface; a target that is
+    neither a path nor an absolute URI is a 400, and the worker goes on."""
+    import json
+
+    for app in ("apps.request_echo:app", "apps.request_echo:asgi"):
+        async with open_herd(app=app, workers=1) as herd:
+            seen = []
+            for target in (b"http://x:81/p/q?a=1", b"https://user@y.test?z", b"HTTP://X"):
+                data = await exchange(
+                    herd, b"GET %s HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % target
+                )
+                ((status, _, body),) = responses(data)
+                assert status == 200, data
+                seen.append(json.loads(body))
+            paths = [(got["path"], got["query"]) for got in seen]
+            assert paths == [("/p/q", "a=1"), ("/", "z"), ("/", "")]
+            hosts = [[v for n, v in got["headers"] if n == "host"] for got in seen]
+            assert hosts == [["x:81"], ["y.test"], ["X"]]
+            if "asgi" in app:
+                assert [got["raw_path"] for got in seen] == ["/p/q", "/", "/"]
+            data = await exchange(herd, b"GET p/q HTTP/1.1\r\nHost: a\r\n\r\n")
+            ((status, _, _),) = responses(data)
+            assert status == 400
+            data = await exchange(herd, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            ((status, _, _),) = responses(data)
+            assert status == 200  # the worker lives
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [b"5\nhello\n0\n\n", b"5\r\nhello\r\n0\n\n", b"\n"],
+    ids=["all-bare", "last-chunk-bare", "lone-LF"],
+)
+async def test_a_chunk_line_ending_in_a_bare_lf_is_answered_400_at_once(chunks: bytes) -> None:
+    """h11 waits for the CRLF of a chunk line; the request is malformed (RFC 9112 7.1):
+    a 400 and a close within CLOSED_WITHIN, not a 408 after the header timeout."""
+    async with open_herd(app=APP, workers=1, header_timeout=HEADER_TIMEOUT) as herd:
+        data = await exchange(herd, CHUNKED_HEAD % b"/echo" + chunks)
+        ((status, _, _),) = responses(data)
+        assert status == 400, data
+
+
 # -- 12: pipelined requests and max_requests_per_connection --------------------------------
 
 

@@ -146,6 +146,41 @@ def _head_buffered(conn: Parser) -> bool:
     return _HEAD_END.search(conn.trailing_data[0].lstrip(b"\r\n")) is not None
 
 
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#@]+)([^#]*)(?:#.*)?", re.S)
+
+
+def _other_form(exchange: Exchange) -> bool:
+    """A target that is not a path: ``*`` (asterisk-form) and CONNECT's authority-form are
+    left as they are; one in absolute form (``GET http://host/path HTTP/1.1``, RFC 9112
+    3.2.2) gives the request its path and query as target (``/`` if it has none), and
+    the target's authority as its Host field (the received Host is ignored, as the RFC
+    asks). False if the target is none of these."""
+    if exchange.target == b"*" or exchange.method == b"CONNECT":
+        return True
+    match = _ABSOLUTE.fullmatch(exchange.target)
+    if match is None:
+        return False
+    authority, rest = match.groups()
+    exchange.target = rest if rest.startswith(b"/") else b"/" + rest
+    headers = exchange.headers
+    for index, (name, _) in enumerate(headers):
+        if name == b"host":
+            headers[index] = (b"host", authority)
+            break
+    else:
+        headers.append((b"host", authority))
+    return True
+
+
+def bare_lf_line(conn: Parser) -> bool:
+    """The next line of a chunked body that the parser waits for (a chunk-size line, the
+    last chunk) ends in a bare LF: h11 waits for a CRLF that may never come, where the
+    request is malformed (RFC 9112 7.1); asked only between chunks."""
+    buffered = conn.trailing_data[0]
+    end = buffered.find(b"\n")
+    return end >= 0 and (end == 0 or buffered[end - 1] != 0x0D)
+
+
 def chunk_left(conn: Parser) -> int:
     """What is left of the chunk h11 is reading: the size its chunk-size line announced,
     less what was delivered (0 between chunks, or for a body that is not chunked). h11
@@ -286,8 +321,7 @@ class H1Core:
             client, scheme = apply_forwarded(headers, peer, scheme, state.trusted)
         bodyless = not chunked and not content_length
         self.exchange = exchange = Exchange(head, headers, client, scheme, bodyless, upgrade)
-        if config.access_log:
-            exchange.started = time.perf_counter()
+        exchange.started = time.perf_counter() if config.access_log else 0.0
         version = head.http_version
         limit = config.max_requests_per_connection
         self.framing.begin(
@@ -306,6 +340,8 @@ class H1Core:
                 )
             ),
         )
+        if head.target[0] != 0x2F and not _other_form(exchange):  # not a path: rare
+            return (400, "request target is neither a path nor an absolute URI")
         if version != b"1.1" and version != b"1.0":  # HTTP/2's preface "PRI * HTTP/2.0" too
             return (505, f"HTTP/{version.decode('ascii', 'replace')} not supported")
         if len(headers) > config.max_header_count:

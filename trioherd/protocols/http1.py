@@ -41,7 +41,16 @@ import trio
 
 from .closing import STREAM_ERRORS, close_stream, queued_bytes
 from .framing import Fields, reason
-from .h1core import NEED_DATA, BodyTooLarge, ClientGone, Exchange, H1Core, RequestHead, chunk_left
+from .h1core import (
+    NEED_DATA,
+    BodyTooLarge,
+    ClientGone,
+    Exchange,
+    H1Core,
+    RequestHead,
+    bare_lf_line,
+    chunk_left,
+)
 from .rawstream import RECEIVE_SIZE, RawSocketStream
 from .shared import APP, BODY, HEAD, IDLE, SEND
 from .state import ServerState
@@ -89,8 +98,11 @@ class BodyReader:
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                if chunk_left(conn) > limit - self.received:  # never wait for what we refuse
-                    raise BodyTooLarge(self.received + chunk_left(conn))
+                left = chunk_left(conn)
+                if left > limit - self.received:  # never wait for what we refuse
+                    raise BodyTooLarge(self.received + left)
+                if not left and bare_lf_line(conn):
+                    raise h11.RemoteProtocolError("chunk line ends in a bare LF", 400)
                 await http.receive_body()
                 continue
             kind = type(event)
