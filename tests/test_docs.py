@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+
 from docs_snippets import (
     DOCS,
     FRAGMENT,
@@ -56,7 +57,6 @@ from docs_snippets import (
     top_level_async_functions,
     why_not_run,
 )
-
 from helpers import ROOT, CLIHerd, connect, open_herd, receive_until, unique_name, wait_until
 from trioherd._cli import format_status
 from trioherd.apps.loading import detect_interface
