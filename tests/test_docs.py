@@ -455,10 +455,6 @@ def heading_anchors(doc: Path) -> set[str]:
     return anchors
 
 
-# broken in docs/architecture.md, which its owner is rewriting (issue 23): left to them
-LINKS_BEING_FIXED = {"architecture.md: #recall-moverrecall (no such heading)"}
-
-
 def test_links_in_the_docs_reach_a_file_and_a_heading() -> None:
     broken = []
     for doc in DOCS:
@@ -472,4 +468,4 @@ def test_links_in_the_docs_reach_a_file_and_a_heading() -> None:
                 broken.append(f"{doc.name}: {target} (no such file)")
             elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
                 broken.append(f"{doc.name}: {target} (no such heading)")
-    assert [link for link in broken if link not in LINKS_BEING_FIXED] == []
+    assert broken == []
