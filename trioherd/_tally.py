@@ -13,8 +13,8 @@ them:
 
 Why memory and not messages: under a new connection per request, every ``ack`` and
 ``closed`` packet woke the primary, which then preempted the worker on its CPU, and the
-worker paid for the send; together about 14 % of a worker's time and 40 % of the primary's
-wake-ups (docs/performance.md). A store into a shared page costs neither.
+worker paid for the send: a large share of both (docs/performance.md, "Figures behind the
+code"). A store into a shared page costs neither.
 
 Ordering: the worker stores ``taken`` before the system call that first reads a taken
 connection, and the primary trusts a batch as taken only from a value it read; it moves a

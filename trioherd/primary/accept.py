@@ -61,8 +61,8 @@ class Acceptor:
     def defer(self, on: bool) -> None:
         """Accept TCP connections only once their first bytes came (``--defer-accept``,
         for an HTTP app, as a worker's ready message says). Then the worker's first read
-        finds the request: no wait and wake-up per connection, and the primary's and the
-        workers' CPU for a new connection falls by about a sixth (docs/performance.md)."""
+        finds the request: no wait and wake-up per connection, and less CPU for a new
+        connection (docs/performance.md, "Figures behind the code")."""
         if on != self._deferring:
             self._deferring = on
             for listener in self.listeners:

@@ -76,8 +76,8 @@ class EdgeWaiter:
     waiting is kept (``_ready``) for its next wait. Edge-triggered means an event comes
     only when new data arrives, so a reader must not wait while data it has not read may
     remain: :meth:`RawSocketStream.receive_next` marks the socket ready again when a
-    receive filled its whole buffer. Measured on a bare loop (one wait per request), it
-    took a request from 17-19 to about 13 µs of CPU.
+    receive filled its whole buffer. It saves about a quarter of a request's CPU on a bare
+    loop (docs/performance.md, "Figures behind the code").
     """
 
     __slots__ = ("_epoll", "_flusher", "_outbox", "_ready", "_waiting")
@@ -351,8 +351,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         """Write ``data`` now, without send_all's yield: for the connection's last answer
         (its close follows at once; send_all is this after its yield). Holding it for the
         pass would only delay the answer and the FIN while the client waits to connect
-        again: with a new connection per request it took 13.6-13.9k to 14.3-14.5k req/s
-        (2 workers, ``--dispatch shared``), 12.2-12.7k to 13.3-13.8k round-robin."""
+        again (measured with a new connection per request: docs/performance.md, "Figures
+        behind the code")."""
         if self._out or self._out_error is not None:
             await self._settle(watched=True)
         await self._send(data, True)
