@@ -28,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,7 +163,8 @@ def herd(app: str, parser: str) -> Iterator[int]:
     command = [sys.executable, "-m", "trioherd", "serve", app, "--workers", "1"]
     command += ["--bind", "127.0.0.1:0", "--log-level", "critical"]
     command += ["--name", f"exchanges-{os.getpid()}"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    # not run from the checkout: ``-m`` would put the working directory's trioherd first
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, cwd=tempfile.gettempdir())
     try:
         assert process.stderr is not None
         deadline = time.monotonic() + 60
@@ -207,5 +209,5 @@ if __name__ == "__main__":
         raise SystemExit(__doc__)
     import trioherd
 
-    print(f"recording with {trioherd.__file__}", file=sys.stderr)
+    print(f"recording with {trioherd.__file__}", file=sys.stderr)  # the workers' too
     Path(sys.argv[1]).write_text(json.dumps(record(), indent=1, sort_keys=True))
