@@ -9,6 +9,7 @@ is a peer of its own: one machine holds a trusted proxy and a stranger.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -20,6 +21,7 @@ import trio
 from test_proxies import INFO, body_of, pid_of, proxy_v2
 
 from helpers import address_of, open_herd, receive_all
+from trioherd import WorkerState
 
 BALANCER = "127.0.0.2"  # the proxy the tests trust or allow
 STRANGER = "127.0.0.3"  # in no list (127.0.0.1 is in the default lists)
@@ -230,3 +232,27 @@ def test_sigterm_with_a_drain_delay_logs_it_and_exits_0(cli_herd: Any) -> None:
     delay = "stopping: /readyz answers 503; serving on for 1s (--drain-delay), then closing"
     assert delay in text, text
     assert text.index(delay) < text.index("stopping: disconnecting 1 worker")
+
+
+async def test_during_the_drain_delay_a_dead_worker_is_replaced_and_no_reload_starts() -> None:
+    async with open_herd(app="apps.http_apps:native", workers=2, drain_delay=60.0) as herd:
+        first = {worker.pid for worker in herd.workers}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(herd.stop)
+            with trio.fail_after(30):
+                while not herd.stopping:
+                    await trio.sleep(0.01)
+            await herd.reload()  # ignored: the herd is stopping
+            assert herd.reloads == 0 and {w.pid for w in herd.workers} == first
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            with trio.fail_after(60):  # its slot gets a new worker, ready, taking requests
+                while not any(
+                    w.pid not in first and w.state is WorkerState.READY for w in herd.workers
+                ):
+                    await trio.sleep(0.05)
+            async with httpx.AsyncClient(base_url=herd.url, timeout=30) as client:
+                for _ in range(6):
+                    answer = await client.get("/", headers={"connection": "close"})
+                    assert answer.status_code == 200
+            herd.force_stop()  # rather than wait out the minute
