@@ -64,14 +64,13 @@ def test_the_table_of_defaults_behind_a_balancer_is_the_code_s() -> None:
 
 
 def test_every_default_stated_in_the_prose_is_the_code_s() -> None:
-    stop = _cli._parser().subcommands["stop"]
-    stop_defaults = {action.option_strings[0]: action.default for action in stop._actions}
+    stop = _cli._parser().subcommands["stop"]  # `trioherd stop --timeout`
     found = list(STATED.finditer(TEXT))
     wrong = {}
     for match in found:
         flag, value = match["flag"], match["value"]
         if match["command"] == "stop":
-            code: Any = stop_defaults[flag]
+            code: Any = stop.get_default(flag.removeprefix("--"))
             said: Any = float(value.removesuffix(" s"))
         elif flag == "--bind":  # its default is the listener opened when none is given
             code, said = DEFAULT_BIND, value.strip("`")
