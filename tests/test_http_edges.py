@@ -265,6 +265,40 @@ async def test_a_chunk_line_ending_in_a_bare_lf_is_answered_400_at_once(chunks: 
         assert status == 400, data
 
 
+async def test_a_request_that_came_in_time_is_answered_though_the_worker_read_it_late(
+    tmp_path: Path,
+) -> None:
+    """Keep-alive connections whose next request arrives before their idle timeout are
+    answered, even when the worker's loop is held up past that timeout (a blocking call
+    here; a starved machine in issue 24's slowloris flake, where a request got b""): the
+    deadline judges the client, not the worker's lag."""
+    mark = tmp_path / "stalling"
+    async with open_herd(app=APP, workers=1, keep_alive_timeout=1.0) as herd:
+        async with contextlib.AsyncExitStack() as streams:
+            clients = [await streams.enter_async_context(await connect(herd)) for _ in range(20)]
+            buffers = [bytearray() for _ in clients]
+            for stream, buffer in zip(clients, buffers, strict=True):  # now idle, kept alive
+                await stream.send_all(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert (await read_response(stream, buffer)).startswith(b"HTTP/1.1 200 ")
+            blocker = await streams.enter_async_context(await connect(herd))
+            await blocker.send_all(
+                b"GET /stall?s=2.5&mark=%s HTTP/1.1\r\nHost: t\r\n\r\n" % str(mark).encode()
+            )
+            with trio.fail_after(5):
+                while not mark.exists():  # the worker's loop is held from now on
+                    await trio.sleep(0.01)
+            for stream in clients:  # in time: well within the 1 s since their last answer
+                await stream.send_all(b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n")
+            answers = []
+            for stream, buffer in zip(clients, buffers, strict=True):
+                with trio.fail_after(10):
+                    try:
+                        answers.append((await read_response(stream, buffer))[:15])
+                    except AssertionError as exc:  # closed before a response
+                        answers.append(str(exc).encode()[:40])
+            assert answers == [b"HTTP/1.1 200 OK"] * len(clients)
+
+
 # -- 12: pipelined requests and max_requests_per_connection --------------------------------
 
 

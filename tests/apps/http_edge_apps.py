@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 
 from trioherd import Request, Response
@@ -28,5 +29,11 @@ async def app(request: Request) -> Response:
                 yield b"y" * 65536
 
         return Response(pieces(), headers=headers)
+    if path == "/stall":  # ?s=N&mark=FILE: FILE is made, then the worker's loop is held N s
+        query = dict(part.partition("=")[::2] for part in request.query.split("&"))
+        with open(query["mark"], "w"):
+            pass
+        time.sleep(float(query["s"]))  # as a blocking call in an app, or a starved machine
+        return Response("stalled", headers=headers)
     # anything else: what the app was asked, without reading a body
     return Response(f"{request.method} {path} {request.query}".strip(), headers=headers)

@@ -105,6 +105,16 @@ def queued_bytes(stream: trio.abc.Stream) -> int:
     return int(struct.unpack("i", found)[0])
 
 
+def unread_bytes(stream: trio.abc.Stream) -> int:
+    """Bytes from the client the kernel holds that nobody has read yet (FIONREAD); 0 if
+    that cannot be known."""
+    try:
+        found = fcntl.ioctl(socket_of(stream).fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", found)[0])
+
+
 def reset_on_close(stream: trio.abc.Stream) -> None:
     """Make closing ``stream`` send a reset: the kernel drops what the client did not
     take, instead of holding it (and the connection) for a client that does not read."""

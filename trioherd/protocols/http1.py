@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from .closing import STREAM_ERRORS, close_stream, queued_bytes
+from .closing import STREAM_ERRORS, close_stream, queued_bytes, unread_bytes
 from .framing import Fields, reason
 from .h1core import (
     NEED_DATA,
@@ -171,7 +171,18 @@ class HTTPConnection(H1Core):
     def expire(self) -> bool:
         """The current phase ran out of time: end whatever the connection awaits (a raw
         socket's wait, see RawSocketStream.interrupt; else its cancel scope). False if the
-        raw socket's task is not waiting: not expired, it runs and moves on."""
+        raw socket's task is not waiting: not expired, it runs and moves on.
+
+        Also False while bytes of the client's wait unread in the kernel (for at most a
+        header timeout past the deadline): they came in time, and this worker, held up
+        (a blocking app, a starved machine), has yet to read them; the task reads them at
+        its next turn and sets the next deadline, or the next sweep judges again."""
+        if (
+            self.phase is not SEND
+            and unread_bytes(self.stream)
+            and self.state.now() - self.deadline < self.state.config.header_timeout
+        ):
+            return False
         raw = self.raw
         if raw is not None and not raw.interrupt():
             return False
