@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from helpers import CLIHerd, address_of, open_herd, receive_until, wait_until
@@ -292,12 +294,60 @@ async def test_a_heartbeat_has_the_shape_the_primary_totals_and_shed_is_counted(
         finally:
             for stream in idle:
                 await stream.aclose()
-        assert set(worker.stats) == {*_ipc.COUNTERS, *_ipc.WORKER_COUNTS, _ipc.STATUS}
+        assert set(worker.stats) == {*_ipc.COUNTERS, *_ipc.WORKER_COUNTS, _ipc.STATUS, _ipc.CUTS}
         assert herd.totals()["shed"] == worker.stats["shed"] >= 1
         assert herd.metrics_url is not None
         async with httpx.AsyncClient() as client:
             text = (await client.get(herd.metrics_url)).text
         assert f"trioherd_connections_shed_total {worker.stats['shed']}" in text.splitlines()
+
+
+async def test_connections_the_server_cuts_are_counted_by_reason_and_logged(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A head that never ends (408), a head over the limit (431) and a client that never
+    reads its answer (reset) are each counted under their reason in the heartbeat, the
+    totals and ``trioherd_connections_cut_total``, and logged by the worker with the
+    reason and the client."""
+    from trioherd import _ipc
+
+    async with open_herd(
+        app="apps.http_edge_apps:app",
+        workers=1,
+        header_timeout=1.0,
+        send_timeout=1.0,
+        log_level="info",
+        metrics_bind="127.0.0.1:0",
+    ) as herd:
+        host, port = address_of(herd)
+        (worker,) = herd.workers
+        async with await trio.open_tcp_stream(host, port) as slow:
+            await slow.send_all(b"GET / HTTP/1.1\r\nHo")  # never finished: 408
+            with trio.fail_after(30):
+                assert (await receive_until(slow, b"\r\n\r\n")).startswith(b"HTTP/1.1 408 ")
+        async with await trio.open_tcp_stream(host, port) as big:
+            await big.send_all(b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+            with trio.fail_after(30):
+                assert (await receive_until(big, b"\r\n\r\n")).startswith(b"HTTP/1.1 431 ")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        with sock:  # asks for 16 MiB and never reads: reset after the send timeout
+            await trio.to_thread.run_sync(sock.connect, (host, port))
+            sock.sendall(b"GET /big?mb=16 HTTP/1.1\r\nHost: t\r\n\r\n")
+            expected = {"head_timeout": 1, "limit": 1, "send_timeout": 1}
+            with trio.fail_after(30):
+                while worker.stats.get(_ipc.CUTS) != expected:
+                    await trio.sleep(0.05)
+        assert herd.totals()[_ipc.CUTS] == expected
+        assert herd.metrics_url is not None
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(herd.metrics_url)).text.splitlines()
+        for reason in _ipc.CUT_REASONS:
+            line = f'trioherd_connections_cut_total{{reason="{reason}"}} {expected.get(reason, 0)}'
+            assert line in text
+    err = capfd.readouterr().err
+    for reason in expected:
+        assert re.search(rf"cut 1 connection \({reason}: .*\); last from 127\.0\.0\.1:\d+", err)
 
 
 def test_sighup_reloads_and_sigterm_twice_stops_at_once(cli_herd: Any, tmp_path: Path) -> None:

@@ -60,6 +60,16 @@ COUNTERS = ("requests", "bytes_in", "bytes_out", "shed", "ws_messages_in", "ws_m
 WORKER_COUNTS = ("open", "websockets")  # per worker: open connections, WebSockets now
 STATUS = "status"  # {"2xx": n, ...}: requests by status class; summed into the totals
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")  # the keys STATUS may have
+CUTS = "cuts"  # {"send_timeout": n, ...}: connections the server cut, by reason; summed
+CUT_REASONS = (
+    "head_timeout",  # a request head not received within --header-timeout (answered 408)
+    "body_timeout",  # a request body stalled for --header-timeout (answered 408)
+    "send_timeout",  # a client that took nothing of an answer for --send-timeout (reset)
+    "shed",  # an idle keep-alive connection closed near --max-connections
+    "limit",  # a head, body or WebSocket message over its limit (431, 413, close 1009)
+    "ping_timeout",  # a WebSocket client that did not answer a ping in time
+    "proxy_refused",  # a PROXY header from a peer not in --proxy-protocol-allow-ips
+)
 
 
 def _whole(value: Any) -> bool:
@@ -69,31 +79,38 @@ def _whole(value: Any) -> bool:
 def check_stats(stats: Any) -> None:
     """Raise IPCProtocolError unless ``stats`` is a heartbeat's counters: a dict whose
     :data:`COUNTERS` and :data:`WORKER_COUNTS` are whole numbers (not bools) and whose
-    :data:`STATUS` maps str to whole numbers. Keys may be missing; other keys are ignored."""
+    :data:`STATUS` and :data:`CUTS` map str to whole numbers. Keys may be missing; other
+    keys are ignored."""
     if isinstance(stats, dict):
-        status = stats.get(STATUS, {})
-        if (
-            all(_whole(stats.get(key, 0)) for key in COUNTERS + WORKER_COUNTS)
-            and isinstance(status, dict)
-            and all(isinstance(key, str) and _whole(n) for key, n in status.items())
+        maps = [stats.get(STATUS, {}), stats.get(CUTS, {})]
+        if all(_whole(stats.get(key, 0)) for key in COUNTERS + WORKER_COUNTS) and all(
+            isinstance(counts, dict)
+            and all(isinstance(key, str) and _whole(n) for key, n in counts.items())
+            for counts in maps
         ):
             return
     raise IPCProtocolError(f"malformed counters {stats!r}"[:200])
 
 
 def total_stats(many: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The sum of checked stats (or of earlier totals): :data:`COUNTERS` and :data:`STATUS`.
+    """The sum of checked stats (or of earlier totals): :data:`COUNTERS`, :data:`STATUS`
+    and :data:`CUTS`.
 
-    The result has every counter (0 if none was reported) and a ``status`` dict of its own.
+    The result has every counter (0 if none was reported), and ``status`` and ``cuts``
+    dicts of its own.
     """
     totals: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
     status: dict[str, int] = {}
+    cuts: dict[str, int] = {}
     for stats in many:
         for key in COUNTERS:
             totals[key] += stats.get(key, 0)
         for key, count in stats.get(STATUS, {}).items():
             status[key] = status.get(key, 0) + count
+        for key, count in stats.get(CUTS, {}).items():
+            cuts[key] = cuts.get(key, 0) + count
     totals[STATUS] = status
+    totals[CUTS] = cuts
     return totals
 
 

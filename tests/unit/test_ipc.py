@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from trioherd import _ipc
 from trioherd._errors import IPCProtocolError
-from trioherd.protocols.shared import Stats
+from trioherd.protocols.shared import Cuts, Stats
 
 
 def test_round_trip_of_every_message_type() -> None:
@@ -91,9 +91,39 @@ def test_the_stats_shape_is_what_the_counters_make() -> None:
     stats = Stats()
     stats.status[2] = 1
     sent = {**stats.snapshot(), "open": 0}
-    assert set(sent) == {*_ipc.COUNTERS, *_ipc.WORKER_COUNTS, _ipc.STATUS}
+    assert set(sent) == {*_ipc.COUNTERS, *_ipc.WORKER_COUNTS, _ipc.STATUS, _ipc.CUTS}
     assert set(sent[_ipc.STATUS]) <= set(_ipc.STATUS_CLASSES)
     _ipc.check_stats(sent)
+
+
+def test_cuts_are_counted_by_reason_and_summed_across_workers() -> None:
+    first, second = Stats(), Stats()
+    first.cuts.note("send_timeout", ("1.2.3.4", 5), 0.0)
+    first.cuts.add("shed", 3)
+    second.cuts.note("send_timeout", None, 0.0)
+    for stats in (first, second):
+        _ipc.check_stats(stats.snapshot())
+    totals = _ipc.total_stats([first.snapshot(), second.snapshot()])
+    assert totals[_ipc.CUTS] == {"send_timeout": 2, "shed": 3}
+    assert set(totals[_ipc.CUTS]) <= set(_ipc.CUT_REASONS)
+    with pytest.raises(IPCProtocolError):
+        _ipc.check_stats({_ipc.CUTS: {"send_timeout": True}})
+
+
+def test_a_crowd_of_cuts_is_logged_a_line_a_second_with_its_count() -> None:
+    cuts = Cuts()
+    assert cuts.note("head_timeout", ("1.2.3.4", 5), 10.0) == (
+        "cut 1 connection (head_timeout: request head not received within --header-timeout"
+        " (408)); last from 1.2.3.4:5"
+    )
+    assert [cuts.note("head_timeout", ("5.6.7.8", 9), 10.0 + n / 1000) for n in range(500)] == [
+        None
+    ] * 500
+    assert cuts.due(10.5) == []  # not a second since the last line
+    (line,) = cuts.due(11.0)
+    assert line.startswith("cut 500 connections (head_timeout: ") and "5.6.7.8:9" in line
+    assert cuts.due(12.0) == []  # nothing left to say
+    assert cuts.counts == {"head_timeout": 501}
 
 
 @pytest.mark.parametrize(
@@ -144,7 +174,7 @@ def test_check_stats_error_is_short() -> None:
 
 def test_total_stats_sums_counters_and_status_classes() -> None:
     zeros = dict.fromkeys(_ipc.COUNTERS, 0)
-    assert _ipc.total_stats([]) == {**zeros, "status": {}}
+    assert _ipc.total_stats([]) == {**zeros, "status": {}, "cuts": {}}
     first = {"requests": 2, "bytes_in": 10, "open": 4, "status": {"2xx": 2}}
     second = {"requests": 3, "bytes_out": 7, "status": {"2xx": 1, "4xx": 2}}
     totals = _ipc.total_stats([first, {}, second])
@@ -154,6 +184,7 @@ def test_total_stats_sums_counters_and_status_classes() -> None:
         "bytes_in": 10,
         "bytes_out": 7,
         "status": {"2xx": 3, "4xx": 2},
+        "cuts": {},
     }
     # totals have the shape of stats: they can be summed again (exited workers + live ones)
     assert _ipc.total_stats([totals, second])["requests"] == 8

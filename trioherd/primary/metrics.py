@@ -81,7 +81,9 @@ def render(herd: Herd) -> str:
 
 
 def _connection_lines(herd: Herd, totals: dict[str, Any]) -> list[str]:
-    """Connections open now, shed by the workers, moved and dropped by the hand-off."""
+    """Connections open now, shed and cut by the workers, moved and dropped by the
+    hand-off."""
+    cuts = totals[_ipc.CUTS]
     return [
         *_metric(
             "trioherd_connections_open",
@@ -94,6 +96,13 @@ def _connection_lines(herd: Herd, totals: dict[str, Any]) -> list[str]:
             "counter",
             "Idle keep-alive connections closed to make room near --max-connections.",
             [("", totals["shed"])],
+        ),
+        *_metric(
+            "trioherd_connections_cut_total",
+            "counter",
+            "Connections the workers cut, by reason: head, body and send timeouts, shed,"
+            " size limits, WebSocket ping timeouts, refused PROXY headers.",
+            [(f'reason="{reason}"', cuts.get(reason, 0)) for reason in _ipc.CUT_REASONS],
         ),
         *_metric(
             "trioherd_connections_moved_total",

@@ -62,6 +62,7 @@ log = logging.getLogger("trioherd.http")
 SEND_PIECE = 65536  # over TLS a response is sent in pieces of this size (see write)
 SOON_MAX = 16384  # answers up to this size may be handed to the flusher (send_soon)
 _NO_SCOPE = trio.CancelScope()  # never entered: cancelling it does nothing
+_CUT_REASONS = {HEAD: "head_timeout", BODY: "body_timeout", SEND: "send_timeout"}
 
 
 class BodyReader:
@@ -289,6 +290,11 @@ class HTTPConnection(H1Core):
             pass
         finally:
             state.connections.discard(self)
+            # a cut, counted and logged; an idle connection's end is not one (it was kept
+            # alive as long as promised), or was counted when shed
+            reason = _CUT_REASONS.get(self.expired) if self.expired is not None else None
+            if reason is not None:
+                state.cut(reason, self.peer)
             await close_stream(self.stream, linger, reset=self.expired == SEND)
 
     async def _serve_requests(self) -> bool:
@@ -443,6 +449,8 @@ class HTTPConnection(H1Core):
         return True
 
     async def _send_error(self, status: int, detail: str | None) -> None:
+        if status == 413 or status == 431:
+            self.state.cut("limit", self.exchange.client)
         if self.exchange.response_started:
             return
         body = b"%d %s\n" % (status, reason(status))

@@ -48,6 +48,13 @@ class ServerState:
         self.shed_at = (9 * config.max_connections + 9) // 10
         self.shed_below = (8 * config.max_connections + 9) // 10
 
+    def cut(self, reason: str, client: Any) -> None:
+        """The server cut a connection (see ``_ipc.CUT_REASONS``): counted by reason for
+        the heartbeat, and logged (one line a second per reason at most, with a count)."""
+        line = self.stats.cuts.note(reason, client, self.now())
+        if line is not None:
+            log.info("%s", line)
+
     def idle_wait(self) -> float:
         """How long a connection waits for its next request: the keep-alive timeout, or
         during a drain the short drain grace."""
@@ -83,6 +90,9 @@ class ServerState:
                     connection.expire()
             if len(connections) >= self.shed_at and not self.draining:
                 self.shed()
+            if self.stats.cuts.unlogged:
+                for line in self.stats.cuts.due(now):
+                    log.info("%s", line)
 
     def shed(self) -> int:
         """Close idle keep-alive connections (waiting for their next request, after at
@@ -100,6 +110,7 @@ class ServerState:
         closing = [connection for connection in idle[:excess] if connection.expire()]
         if closing:
             self.stats.shed += len(closing)
+            self.stats.cuts.add("shed", len(closing))
             log.warning(
                 "%d of max %d connections open: closed %d idle keep-alive connections",
                 len(connections),
