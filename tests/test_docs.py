@@ -385,7 +385,7 @@ HELP_DEFAULTS = (
 SAME_DEFAULT = {".": "the current one"}
 # Options being added under issue 24 (the edge work) whose README rows come with them;
 # a flag leaves this set when its row is in the table (the test below insists).
-ROWS_TO_COME = {"--forwarded-headers", "--proxy-protocol-allow-ips", "--drain-delay"}
+ROWS_TO_COME: set[str] = set()
 
 
 def cli_defaults() -> dict[str, str]:

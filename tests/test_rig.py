@@ -55,7 +55,7 @@ APP_PORT, HEALTH_PORT, FRONT_PORT, STATS_PORT = 8000, 9100, 80, 8404
 # XDG_RUNTIME_DIR), and the load (in the client's namespace, until SIGINT)
 HERD = (
     "-m trioherd serve apps.http_apps:native --bind 0.0.0.0:8000 --metrics-bind 0.0.0.0:9100"
-    " --proxy-protocol --name {name} --workers 2"
+    " --proxy-protocol --proxy-protocol-allow-ips 10.231.0.1 --name {name} --workers 2"
 )
 WRK = "-t1 -c{connections} -d120s --timeout 10s -s {script} http://10.231.0.1:80/"
 # the load: CONNECTIONS keep-alive connections, each pausing PAUSE_MS between requests

@@ -96,7 +96,8 @@ async def open_herd(
         raise failure
     if not stopped:
         raise LeftoverError(
-            f"the test herd did not stop within {options['graceful_timeout'] + STOP_MARGIN:g}s "
+            "the test herd did not stop within "
+            f"{options.get('drain_delay', 0) + options['graceful_timeout'] + STOP_MARGIN:g}s "
             "of its graceful stop; its workers were killed"
         )
     _check_nothing_left(pids, leftover)
@@ -111,8 +112,10 @@ def _online(pids: set[int]) -> Callable[[HerdEvent], None]:
 
 
 async def _stop(herd: Herd) -> bool:
-    """Stop gracefully; False if that took too long and the workers were killed."""
-    with trio.move_on_after(herd.config.graceful_timeout + STOP_MARGIN):
+    """Stop gracefully (after ``--drain-delay``, if one is set); False if that took too
+    long and the workers were killed."""
+    config = herd.config
+    with trio.move_on_after(config.drain_delay + config.graceful_timeout + STOP_MARGIN):
         await herd.stop()
         return True
     herd.force_stop()
