@@ -120,7 +120,8 @@ def test_a_crowd_of_cuts_is_logged_a_line_a_second_with_its_count() -> None:
         None
     ] * 500
     assert cuts.due(10.5) == []  # not a second since the last line
-    (line,) = cuts.due(11.0)
+    ((reason, line),) = cuts.due(11.0)
+    assert reason == "head_timeout"
     assert line.startswith("cut 500 connections (head_timeout: ") and "5.6.7.8:9" in line
     assert cuts.due(12.0) == []  # nothing left to say
     assert cuts.counts == {"head_timeout": 501}

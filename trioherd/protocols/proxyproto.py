@@ -10,23 +10,21 @@ left for the next layer; :func:`peeks_like_header` only peeks.
 connection from an allowed peer must start with a header; one from another peer is served
 as it is, with its socket's address, unless it starts with a header anyway: then it is a
 forgery (anyone can write one), and the connection is closed unanswered, counted and
-logged, at most one line per :data:`LOG_INTERVAL`. So forwarded-header trust is decided on
+logged as a cut (``proxy_refused``, see ``protocols.shared.Cuts``). So forwarded-header
+trust is decided on
 the socket's peer, or on the address named by a header that came from an allowed peer,
 never on an address a stranger claims.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import socket
 import struct
+from collections.abc import Callable
 
 import trio
 
 from .forwarded import TrustedPeers
-
-log = logging.getLogger("trioherd.worker")
 
 Address = tuple[str, int]
 
@@ -170,22 +168,17 @@ async def peeks_like_header(sock: socket.socket, deadline: float) -> bool:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
-LOG_INTERVAL = 1.0
-"""Seconds between two log lines about refused PROXY headers (a line carries a count)."""
-
-
 class ProxyGate:
-    """Whose PROXY headers a worker believes (``--proxy-protocol-allow-ips``), and the
-    count of the connections it refused for a header from anyone else."""
+    """Whose PROXY headers a worker believes (``--proxy-protocol-allow-ips``); a connection
+    refused for a header from anyone else is reported to ``on_refused`` (the worker counts
+    and logs it as a cut, ``proxy_refused``)."""
 
-    def __init__(self, allow_ips: str, timeout: float) -> None:
+    def __init__(
+        self, allow_ips: str, timeout: float, on_refused: Callable[[Address], None]
+    ) -> None:
         self.allowed = TrustedPeers(allow_ips)
         self.timeout = timeout  # for the header, or the bytes that tell there is none
-        self.refused = 0  # connections closed for a header from a peer not allowed
-        self.unlogged = 0  # of those, how many no log line counted yet
-        self.last: Address = ("", 0)  # the peer of the last one
-        self.logged_at = -math.inf
-        self.flush_due = False  # a line for the unlogged is due at logged_at + LOG_INTERVAL
+        self.on_refused = on_refused
 
     def allows(self, peer: Address | None) -> bool:
         """A peer on a Unix socket (None) can only be local, and is allowed."""
@@ -203,43 +196,5 @@ class ProxyGate:
         if not await peeks_like_header(sock, deadline):
             return peer
         assert peer is not None
-        self.refuse(peer, trio.current_time())
+        self.on_refused(peer)
         raise ForgedHeader(f"a PROXY header from {peer[0]}, not in --proxy-protocol-allow-ips")
-
-    def refuse(self, peer: Address, now: float) -> None:
-        """Count a refused connection and log it, or leave it to the next line."""
-        self.refused += 1
-        self.unlogged += 1
-        self.last = peer
-        line = self.report(now)
-        if line is not None:
-            log.warning(line)
-        elif not self.flush_due:
-            self.flush_due = True
-            trio.lowlevel.spawn_system_task(self._flush)
-
-    def report(self, now: float) -> str | None:
-        """The log line for the refusals no line counted yet; None if there are none, or
-        while the last line is less than LOG_INTERVAL old (sans-IO: ``now`` is any
-        clock's)."""
-        if not self.unlogged or now - self.logged_at < LOG_INTERVAL:
-            return None
-        count, self.unlogged, self.logged_at = self.unlogged, 0, now
-        closed = "1 connection" if count == 1 else f"{count} connections"
-        host, port = self.last
-        return (
-            f"closed {closed} unanswered: a PROXY header from a peer not in "
-            f"--proxy-protocol-allow-ips (the last from {host} port {port}); "
-            f"{self.refused} since the worker started"
-        )
-
-    async def _flush(self) -> None:
-        """Log what the refusals since the last line were, once that line is old enough
-        (also when the worker ends first)."""
-        try:
-            await trio.sleep_until(self.logged_at + LOG_INTERVAL)
-        finally:
-            self.flush_due = False
-            line = self.report(self.logged_at + LOG_INTERVAL)
-            if line is not None:
-                log.warning(line)

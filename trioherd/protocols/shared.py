@@ -90,11 +90,11 @@ class Cuts:
         """Count cuts that were logged another way (shedding logs a line of its own)."""
         self.counts[reason] = self.counts.get(reason, 0) + count
 
-    def due(self, now: float) -> list[str]:
-        """The lines for cuts no line counted yet, once their reason's last line is old
-        enough (the sweeper asks)."""
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """(reason, line) for cuts no line counted yet, once their reason's last line is
+        old enough (the sweeper asks)."""
         return [
-            self._line(reason, now)
+            (reason, self._line(reason, now))
             for reason in list(self.unlogged)
             if now - self.logged_at.get(reason, -math.inf) >= CUT_LOG_EVERY
         ]

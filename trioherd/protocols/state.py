@@ -20,6 +20,9 @@ from .shared import IDLE, SEND, Stats, Watched
 log = logging.getLogger("trioherd.http")
 
 DRAIN_GRACE = 1.0
+# cuts are logged at INFO, but a PROXY header from a stranger: a forgery, or a balancer
+# missing from --proxy-protocol-allow-ips
+_CUT_LEVELS = {"proxy_refused": logging.WARNING}
 
 
 class ServerState:
@@ -53,7 +56,7 @@ class ServerState:
         the heartbeat, and logged (one line a second per reason at most, with a count)."""
         line = self.stats.cuts.note(reason, client, self.now())
         if line is not None:
-            log.info("%s", line)
+            log.log(_CUT_LEVELS.get(reason, logging.INFO), "%s", line)
 
     def idle_wait(self) -> float:
         """How long a connection waits for its next request: the keep-alive timeout, or
@@ -91,8 +94,8 @@ class ServerState:
             if len(connections) >= self.shed_at and not self.draining:
                 self.shed()
             if self.stats.cuts.unlogged:
-                for line in self.stats.cuts.due(now):
-                    log.info("%s", line)
+                for reason, line in self.stats.cuts.due(now):
+                    log.log(_CUT_LEVELS.get(reason, logging.INFO), "%s", line)
 
     def shed(self) -> int:
         """Close idle keep-alive connections (waiting for their next request, after at

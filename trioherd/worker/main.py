@@ -500,7 +500,7 @@ def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
     """The coroutine each accepted socket is given to, for the app's interface."""
     config = worker.config
     if interface == "stream":
-        return _stream_handler(app, worker.ssl_context, config)
+        return _stream_handler(app, worker.ssl_context, worker.state)
     adapter = _adapter(app, interface, worker.state)
     connection = _connection_class(config)
     if worker.ssl_context is not None:
@@ -524,9 +524,10 @@ def _adapter(app: Any, interface: str, state: ServerState) -> Adapter:
     return NativeAdapter(app)
 
 
-def _stream_handler(app: Any, ssl_context: Any, config: Config) -> Handler:
+def _stream_handler(app: Any, ssl_context: Any, state: ServerState) -> Handler:
     """A raw stream handler: the app gets the stream (after the TLS handshake, if any)."""
-    gate = _proxy_gate(config)
+    config = state.config
+    gate = _proxy_gate(state)
 
     async def handle_stream(sock: socket.socket) -> None:
         if await _addresses(sock, gate) is None:
@@ -561,13 +562,18 @@ def _socket_addresses(sock: socket.socket) -> tuple[Any, Any] | None:
     return None, None  # a Unix socket has no client address
 
 
-def _proxy_gate(config: Config) -> ProxyGate | None:
-    """With --proxy-protocol, the worker's judge of PROXY headers (one per worker: it
-    counts the refused ones); within --header-timeout a header must come, or the bytes that
+def _proxy_gate(state: ServerState) -> ProxyGate | None:
+    """With --proxy-protocol, the worker's judge of PROXY headers (a refusal is a cut,
+    ``proxy_refused``); within --header-timeout a header must come, or the bytes that
     show there is none."""
+    config = state.config
     if not config.proxy_protocol:
         return None
-    return ProxyGate(config.proxy_protocol_allow_ips, config.header_timeout)
+
+    def refused(peer: tuple[str, int]) -> None:
+        state.cut("proxy_refused", peer)
+
+    return ProxyGate(config.proxy_protocol_allow_ips, config.header_timeout, refused)
 
 
 async def _addresses(sock: socket.socket, gate: ProxyGate | None) -> tuple[Any, Any] | None:
@@ -580,7 +586,7 @@ async def _addresses(sock: socket.socket, gate: ProxyGate | None) -> tuple[Any, 
     try:
         source = await gate.client(sock, client)
     except ForgedHeader:
-        return None  # counted and logged by the gate
+        return None  # counted and logged as a cut
     except (ProxyProtocolError, trio.TooSlowError, OSError) as exc:
         log.debug("closing a connection without a valid PROXY header: %s", exc or "timeout")
         return None
@@ -594,7 +600,7 @@ def _tls_handler(
     from .._tls import handshake
 
     config = state.config
-    gate = _proxy_gate(config)
+    gate = _proxy_gate(state)
 
     async def handle_tls(sock: socket.socket) -> None:
         addresses = await _addresses(sock, gate)
@@ -615,7 +621,7 @@ def _plain_handler(
     state: ServerState, adapter: Adapter, connection: type[HTTPConnection]
 ) -> Handler:
     """Plain HTTP over a raw non-blocking socket (see ``protocols.rawstream``)."""
-    gate = _proxy_gate(state.config)
+    gate = _proxy_gate(state)
 
     async def handle(sock: socket.socket) -> None:
         # (no coroutine for the addresses without a PROXY header to read: one per
