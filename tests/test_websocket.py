@@ -1,6 +1,6 @@
 """WebSockets end to end: real worker processes, real clients (the ``websockets`` library,
 raw sockets for what a polite client never sends, a headless Chromium for the chat
-example), the Autobahn conformance suite's first seven sections."""
+example), the Autobahn conformance suite's first seven sections (``tools/autobahn``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from trioherd import _cli
 from trioherd.primary import control as _control
 
 EXAMPLES = ROOT / "examples"
-AUTOBAHN = ROOT.parent / "shared" / "tools" / "autobahn"
+AUTOBAHN = ROOT / "tools" / "autobahn"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample key
 
 
@@ -613,10 +614,10 @@ def test_chat_example_relays_between_browsers_on_two_workers(
 
 def test_autobahn_conformance_cases_1_to_7(example: Callable[..., CLIHerd]) -> None:
     """The Autobahn|Testsuite's framing, ping, reserved bits, opcodes, fragmentation,
-    UTF-8 and close sections against the echo example, with permessage-deflate on."""
-    if not AUTOBAHN.exists():
-        print(f"skipping Autobahn: {AUTOBAHN} not found")
-        pytest.skip(f"the Autobahn tool is not at {AUTOBAHN}")
+    UTF-8 and close sections against the echo example, with permessage-deflate on, run
+    by the project's tools/autobahn (which installs the suite once). Skipped only when
+    what the suite needs cannot be had here (a Python 2.7, PyPI): the tool says so with
+    exit status 2."""
     echo = example(str(EXAMPLES / "websocket_echo.py"), "--workers", "2")
     cases = "1.*,2.*,3.*,4.*,5.*,6.*,7.*"
     try:
@@ -624,15 +625,16 @@ def test_autobahn_conformance_cases_1_to_7(example: Callable[..., CLIHerd]) -> N
             [str(AUTOBAHN), ws_url(echo.urls[0], "/echo"), cases],
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=900,
+            env={**os.environ, "PYTHON": sys.executable},
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("Autobahn cases 1-7 took over 600 s")
+        pytest.fail("Autobahn cases 1-7 took over 900 s")
     output = result.stdout + result.stderr
-    if result.returncode == 2:  # no Python 2.7, or the suite could not be installed
+    if result.returncode == 2:  # no Python 2.7 to be had, or PyPI out of reach
         print(f"skipping Autobahn: {output.strip()}")
-        pytest.skip(f"Autobahn unavailable: {output.strip()[-300:]}")
+        pytest.skip(f"Autobahn cannot run here: {output.strip()[-300:]}")
     print(output)
     assert result.returncode == 0, output
-    assert "autobahn: " in output and "FAILED" not in output
+    assert "autobahn: " in output and " OK" in output and "FAILED" not in output
     assert echo.stop() == 0
