@@ -1,6 +1,7 @@
 """WebSockets end to end: real worker processes, real clients (the ``websockets`` library,
 raw sockets for what a polite client never sends, a headless Chromium for the chat
-example), the Autobahn conformance suite's first seven sections (``tools/autobahn``)."""
+example), a compression bomb, the log line of every connection the server cuts, and the
+Autobahn conformance suite's first seven sections (``tools/autobahn``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,10 @@ import trustme
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
-from helpers import ROOT, CLIHerd, open_herd, wait_until
+from helpers import ROOT, CLIHerd, address_of, open_herd, wait_until
 from trioherd import _cli
 from trioherd.primary import control as _control
+from trioherd.protocols.ws_incoming import INFLATE_PIECE
 
 EXAMPLES = ROOT / "examples"
 AUTOBAHN = ROOT / "tools" / "autobahn"
@@ -52,6 +56,11 @@ def serve(cli_herd: Any) -> Iterator[Callable[..., CLIHerd]]:
         return herd
 
     yield start
+
+
+def cut_lines(stderr: str, reason: str) -> list[str]:
+    """The log lines of WebSockets the server cut for ``reason`` (``note_cut``)."""
+    return [line for line in stderr.splitlines() if f" cut ({reason}): " in line]
 
 
 def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
@@ -273,6 +282,8 @@ def test_protocol_violations_close_with_1002_and_1007_and_the_worker_lives(serve
             ws.send("still here")
             assert ws.recv(timeout=10) == "still here"
     assert "Traceback" not in herd.stderr
+    assert wait_until(lambda: len(cut_lines(herd.stderr, "protocol_error")) == 5, 10)
+    assert "closed with 1007: 'utf-8' codec can't decode" in herd.stderr
     assert herd.stop() == 0
 
 
@@ -349,6 +360,7 @@ def test_handshake_details() -> None:
 def test_a_message_over_ws_max_size_closes_with_1009(serve: Any) -> None:
     herd = serve("apps.ws_apps:native", "--ws-max-size", "1000")
     with connect(ws_url(herd.urls[0], "/echo"), max_size=None) as ws:
+        port = ws.local_address[1]
         ws.send("x" * 1000)
         assert ws.recv(timeout=10) == "x" * 1000
         ws.send("é" * 501)  # 1002 bytes of UTF-8
@@ -356,6 +368,8 @@ def test_a_message_over_ws_max_size_closes_with_1009(serve: Any) -> None:
     with connect(ws_url(herd.urls[0], "/echo")) as ws:
         ws.send(b"y" * 1000)
         assert ws.recv(timeout=10) == b"y" * 1000
+    cut = cut_lines(herd.stderr, "limit")
+    assert len(cut) == 1 and f"WebSocket 127.0.0.1:{port} cut" in cut[0], herd.stderr
     assert herd.stop() == 0
 
 
@@ -375,7 +389,154 @@ def test_ping_timeout_drops_a_silent_peer_and_keeps_a_live_one(serve: Any) -> No
         live.send("alive")
         assert live.recv(timeout=10) == "alive"
     assert wait_until(lambda: "ws-app: /echo disconnect 1006" in herd.stderr, 10), herd.stderr
-    assert "did not answer a ping" in herd.stderr
+    assert herd.stderr.count("cut (ping_timeout): no pong within 0.5 s") == 1, herd.stderr
+    assert herd.stop() == 0
+
+
+def test_a_client_that_stops_reading_is_cut_by_the_send_timeout_and_it_is_logged(
+    serve: Any,
+) -> None:
+    """Issue 24 point 9: the client's library stops reading once a message is queued, and
+    the echoes back fill the buffers. The send timeout resets the connection, one line
+    says so; the pings (every 0.3 s, 0.5 s to answer) do not cut it first: a client
+    cannot answer a ping while a send to it waits."""
+    herd = serve(
+        "apps.ws_apps:native",
+        *("--send-timeout", "1", "--ws-ping-interval", "0.3", "--ws-ping-timeout", "0.5"),
+    )
+    url = ws_url(herd.urls[0], "/echo")
+    with connect(url, compression=None, max_queue=1, ping_interval=None) as ws:
+        port = ws.local_address[1]
+        started = time.monotonic()
+        with pytest.raises((websockets.ConnectionClosed, OSError)):
+            for _ in range(1000):  # far more than the buffers hold: the echoes stall
+                ws.send(b"z" * (1 << 20))
+        assert time.monotonic() - started < 30
+    assert wait_until(lambda: cut_lines(herd.stderr, "send_timeout"), 10), herd.stderr
+    cut = cut_lines(herd.stderr, "send_timeout")
+    assert len(cut) == 1 and f"WebSocket 127.0.0.1:{port} cut" in cut[0], herd.stderr
+    assert "the client took nothing for 1 s" in cut[0]
+    assert cut_lines(herd.stderr, "ping_timeout") == []
+    assert "Traceback" not in herd.stderr  # the app's send raised WebSocketClosed: quiet
+    with connect(url) as ws:
+        ws.send("the worker goes on")
+        assert ws.recv(timeout=10) == "the worker goes on"
+    assert herd.stop() == 0
+
+
+def test_a_client_that_does_not_answer_our_close_is_cut_after_a_second(serve: Any) -> None:
+    herd = serve("apps.ws_apps:native")
+    sock, head = handshake(herd.port, "/close")
+    assert close_code_of(sock, head.partition(b"\r\n\r\n")[2]) == 4000
+    started = time.monotonic()
+    try:  # never answered: the server ends the connection
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - started < 5
+    sock.close()
+    assert wait_until(lambda: cut_lines(herd.stderr, "close_timeout"), 10), herd.stderr
+    assert "no answer to our close in 1 s" in herd.stderr
+    assert herd.stop() == 0
+
+
+async def test_websocket_cuts_are_counted_by_reason_in_the_heartbeat_and_the_metrics() -> None:
+    """A 1009 counts under ``limit``, a ping timeout under ``ping_timeout``, a client that
+    stops reading under ``send_timeout`` (counted by its connection, as for HTTP): each
+    once in the worker's heartbeat, the totals and ``trioherd_connections_cut_total``."""
+    from trioherd import _ipc
+
+    async with open_herd(
+        app="apps.ws_apps:native",
+        workers=1,
+        ws_max_size=2 << 20,
+        ws_ping_interval=0.3,
+        ws_ping_timeout=0.5,
+        send_timeout=1.0,
+        metrics_bind="127.0.0.1:0",
+        log_level="info",
+    ) as herd:
+        url = ws_url(herd.addresses[0], "/echo")
+        port = address_of(herd)[1]
+        (worker,) = herd.workers
+
+        def clients() -> None:
+            with connect(url, max_size=None) as ws:  # its library answers the pings
+                ws.send("x" * ((2 << 20) + 1))
+                assert closed_with(ws)[0] == 1009
+            sock, _ = handshake(port)  # never answers a ping
+            while sock.recv(65536):
+                pass
+            sock.close()
+            with connect(url, compression=None, max_queue=1, ping_interval=None) as ws:
+                with pytest.raises((websockets.ConnectionClosed, OSError)):
+                    for _ in range(1000):  # never read: the echoes stall
+                        ws.send(b"z" * (1 << 20))
+
+        await trio.to_thread.run_sync(clients)
+        expected = {"limit": 1, "ping_timeout": 1, "send_timeout": 1}
+        with trio.fail_after(30):
+            while worker.stats.get(_ipc.CUTS) != expected:
+                await trio.sleep(0.05)
+        assert herd.totals()[_ipc.CUTS] == expected
+        assert herd.metrics_url is not None
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(herd.metrics_url)).text.splitlines()
+        for reason in _ipc.CUT_REASONS:
+            count = expected.get(reason, 0)
+            assert f'trioherd_connections_cut_total{{reason="{reason}"}} {count}' in text
+
+
+def worker_pids(herd: CLIHerd) -> dict[int, int]:
+    return {
+        w["id"]: w["pid"] for w in json.loads(herd.control("status", "--json").stdout)["workers"]
+    }
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_compression_bomb_gets_1009_without_eating_the_workers_memory(serve: Any) -> None:
+    """Issue 24 point 8: 100 MiB of "x", about 100 KB compressed, 8 at once against the
+    echo example with the default --ws-max-size (16 MiB). Each gets 1009 once its message
+    passes the limit; a worker's peak memory grows by at most the limit plus one inflate
+    piece for each bomb it took, plus 16 MiB for the rest (before: 47 -> 420 MiB). The
+    workers' loops keep running: the primary never finds a heartbeat overdue."""
+    herd = serve("examples.websocket_echo:app")
+    url = ws_url(herd.urls[0], "/echo")
+    for _ in range(2):  # a WebSocket on each worker first: what it loads is in the baseline
+        with connect(url, compression="deflate") as ws:
+            ws.send("warm up")
+            assert ws.recv(timeout=10) == "warm up"
+    pids = worker_pids(herd)
+    before = {id_: peak_rss(pid) for id_, pid in pids.items()}
+    bomb = "x" * 100 * 2**20
+
+    def send_bomb(_: int) -> int | None:
+        with connect(url, compression="deflate", max_size=None, open_timeout=60) as ws:
+            ws.send(bomb)
+            return closed_with(ws)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(send_bomb, range(8), timeout=300)) == [1009] * 8
+    assert wait_until(lambda: len(cut_lines(herd.stderr, "limit")) == 8, 10)
+    limit = 16 * 2**20
+    for id_, pid in pids.items():
+        taken = sum(f"[w{id_}]" in line for line in cut_lines(herd.stderr, "limit"))
+        grown = peak_rss(pid) - before[id_]
+        assert grown <= taken * (limit + INFLATE_PIECE) + (16 << 20), (id_, taken, grown)
+    assert "sends no heartbeat" not in herd.stderr
+    # a big message within the limit, in many compressed pieces, still comes back whole
+    words = random.Random(24).choices(["herd", "trio", "worker", "frame", "é"], k=1 << 20)
+    text = " ".join(words)
+    with connect(url, compression="deflate", max_size=None) as ws:
+        ws.send(text)
+        assert ws.recv(timeout=60) == text
     assert herd.stop() == 0
 
 
@@ -419,6 +580,7 @@ def test_stop_closes_open_websockets_with_1001_within_the_graceful_timeout(serve
     assert herd.process.wait(15) == 0
     assert time.monotonic() - started < 3 + 2.5
     assert herd.stderr.count("ws-app: /echo disconnect 1001") == 5, herd.stderr
+    assert len(cut_lines(herd.stderr, "drain")) == 6, herd.stderr
     stack.close()
     herd.close()
 

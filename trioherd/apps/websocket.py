@@ -14,8 +14,9 @@ import trio
 from ..protocols.framing import Fields
 from ..protocols.h1core import ClientGone, Exchange
 from ..protocols.http1 import HTTPConnection
-from ..protocols.websocket import ABNORMAL, NORMAL, Upgrade, WebSocketClosed
+from ..protocols.websocket import Upgrade
 from ..protocols.ws_handshake import read_handshake, refuse
+from ..protocols.ws_session import ABNORMAL, NORMAL, WebSocketClosed
 
 # -- the app interfaces -------------------------------------------------------------------
 
@@ -44,7 +45,7 @@ async def serve_native(adapter: NativeHost, http: HTTPConnection, request: Excha
     http.framing.keep_alive = False  # after a WebSocket, or a refusal, the connection ends
     if handshake.refusal is not None:
         return await refuse(http, *handshake.refusal)
-    upgrade = Upgrade(http, handshake)
+    upgrade = Upgrade(http, handshake, http.exchange.client)
     status = 0
 
     async def app() -> None:
@@ -64,7 +65,7 @@ async def serve_asgi(adapter: ASGIHost, http: HTTPConnection, request: Exchange)
     http.framing.keep_alive = False
     if handshake.refusal is not None:
         return await refuse(http, *handshake.refusal)
-    upgrade = Upgrade(http, handshake)
+    upgrade = Upgrade(http, handshake, http.exchange.client)
     scope = adapter.http_scope(http, request)
     scope["type"] = "websocket"
     scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}

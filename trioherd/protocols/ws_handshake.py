@@ -12,11 +12,12 @@ import binascii
 import logging
 from collections.abc import Iterable
 
-from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.extensions import Extension
 from wsproto.utilities import generate_accept_token
 
 from .framing import Fields, check_field, http_date, reason
 from .http1 import HTTPConnection, RequestHead
+from .ws_inflate import BoundedDeflate
 
 log = logging.getLogger("trioherd.http")
 
@@ -140,14 +141,15 @@ def _valid_key(key: bytes) -> bool:
         return False
 
 
-def _negotiate_deflate(offers: list[str]) -> tuple[bytes, PerMessageDeflate] | None:
+def _negotiate_deflate(offers: list[str]) -> tuple[bytes, BoundedDeflate] | None:
     """The first permessage-deflate offer we can take (RFC 7692): the header value of our
-    answer, and the extension configured for it; None if there is none."""
+    answer, and the extension configured for it (inbound, inflated in bounded pieces:
+    ``protocols.ws_inflate``); None if there is none."""
     for offer in offers:
         name, _, params = offer.partition(";")
         if name.strip() != "permessage-deflate" or not _acceptable_deflate(params):
             continue
-        extension = PerMessageDeflate()
+        extension = BoundedDeflate()
         try:
             agreed = extension.accept(offer)
         except ValueError:
