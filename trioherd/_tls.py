@@ -7,7 +7,10 @@ Each worker builds its own context at boot: a rolling reload therefore picks up 
 certificate files, and connections already open keep the context they started with.
 
 The handshake runs in the connection's own task under ``tls_handshake_timeout``: a client
-that stalls or speaks garbage costs that one connection and nothing more.
+that stalls or speaks garbage costs that one connection and nothing more. HTTP connections
+are secured by :func:`secure` (``protocols.tlsstream``: OpenSSL's records on memory BIOs
+over the worker's raw socket); stream handlers, which get a full trio stream, by
+:func:`handshake` (trio's SSLStream).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import secrets
+import socket
 import ssl
 import sys
 from typing import Any
@@ -24,6 +28,8 @@ import trio
 
 from ._config import Config
 from ._errors import ConfigError
+from .protocols.rawstream import EdgeWaiter
+from .protocols.tlsstream import TLSSocketStream
 
 log = logging.getLogger("trioherd.tls")
 
@@ -291,10 +297,53 @@ def _subject(cert: dict[str, Any] | None) -> str | None:
     return ",".join(reversed(rdns)) or None
 
 
+def facts(tls: Any) -> dict[str, Any]:
+    """What the app learns of a connection's TLS (``request.tls``, the ASGI extension),
+    from an SSLObject or a stream that forwards its methods (trio's SSLStream)."""
+    cipher = tls.cipher()
+    return {
+        "version": tls.version(),
+        "cipher": cipher[0] if cipher else None,
+        "alpn": tls.selected_alpn_protocol(),
+        "peer_subject": _subject(tls.getpeercert()),
+    }
+
+
+async def secure(
+    sock: socket.socket, context: ssl.SSLContext, timeout: float, waiter: EdgeWaiter | None
+) -> tuple[TLSSocketStream, dict[str, Any]] | None:
+    """The handshake of an HTTP connection on its accepted socket: its TLS stream and
+    :func:`facts`, or None (the socket closed) if the client fails, goes or stalls. A
+    client that OpenSSL refuses gets the alert that says why, within ALERT_TIMEOUT."""
+    stream = TLSSocketStream(sock, context, waiter)
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await stream.do_handshake()
+        except ssl.SSLError as exc:
+            log.debug("TLS handshake failed: %s", exc)
+            with (
+                trio.move_on_after(ALERT_TIMEOUT),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await stream.send_alert()
+            stream.close()
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("TLS handshake failed: %s", exc.__cause__ or exc)
+            stream.close()
+            return None
+    if scope.cancelled_caught:
+        log.debug("TLS handshake timed out")
+        stream.close()
+        return None
+    return stream, facts(stream.ssl_object)
+
+
 async def handshake(
     stream: trio.SocketStream, context: ssl.SSLContext, timeout: float
 ) -> tuple[trio.SSLStream[trio.SocketStream], dict[str, Any]] | None:
-    """Wrap and handshake; None (connection closed) if the client fails or stalls."""
+    """Wrap in trio's SSLStream and handshake (for stream handlers); None (connection
+    closed) if the client fails or stalls."""
     tls_stream = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
     with trio.move_on_after(timeout) as scope:
         try:
@@ -308,14 +357,7 @@ async def handshake(
         log.debug("TLS handshake timed out")
         await trio.aclose_forcefully(tls_stream)
         return None
-    cipher = tls_stream.cipher()
-    info = {
-        "version": tls_stream.version(),
-        "cipher": cipher[0] if cipher else None,
-        "alpn": tls_stream.selected_alpn_protocol(),
-        "peer_subject": _subject(tls_stream.getpeercert()),
-    }
-    return tls_stream, info
+    return tls_stream, facts(tls_stream)
 
 
 async def _send_alert(tls_stream: trio.SSLStream[trio.SocketStream]) -> None:

@@ -131,9 +131,6 @@ REACHES_ALLOWED = {
     ("worker.main", "os._exit"),
     # socket._accept returns the raw fd without building a socket object per connection
     ("_listeners", "sock._accept"),
-    # trio's flag set by https_compatible=True: unset so that aclose() sends close_notify
-    # (guarded by hasattr; without it unwrap() does)
-    ("protocols.closing", "stream._https_compatible"),
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from .rawstream import RECEIVE_SIZE, RawSocketStream
+from .tlsstream import TLSSocketStream
 
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
@@ -33,6 +34,9 @@ async def close_stream(stream: trio.abc.Stream, linger: bool, reset: bool) -> No
         reset_on_close(stream)
         await trio.aclose_forcefully(stream)
         return
+    if isinstance(stream, TLSSocketStream):
+        await close_tls(stream, linger)
+        return
     if isinstance(stream, RawSocketStream):
         if stream.pending:  # an answer the flusher has not written yet: it goes first
             with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
@@ -41,9 +45,7 @@ async def close_stream(stream: trio.abc.Stream, linger: bool, reset: bool) -> No
             await drain_client(stream)
         stream.close()
         return
-    if isinstance(stream, trio.SSLStream):
-        await close_tls(stream, linger)
-    elif linger and isinstance(stream, trio.SocketStream):
+    if linger and isinstance(stream, trio.SocketStream):
         await drain_client(stream)
     await trio.aclose_forcefully(stream)
 
@@ -64,30 +66,18 @@ async def drain_client(stream: trio.abc.HalfCloseableStream) -> None:
             pass
 
 
-async def close_tls(stream: trio.SSLStream[Any], linger: bool) -> None:
-    """Send our ``close_notify``, within LINGER_SECONDS, then close (lingering if asked).
-
-    trio's SSLStream skips the ``close_notify`` in ``aclose()`` when ``https_compatible``
-    is set (we set it so that clients need not send theirs), so it is unset first. To
-    linger, ``unwrap()`` sends it and then reads until the client answers with its own,
-    closes, or sends more data; then the TCP connection lingers as a plain one does."""
-    transport = stream.transport_stream
+async def close_tls(stream: TLSSocketStream, linger: bool) -> None:
+    """Send our ``close_notify`` (after any answer the flusher still holds), within
+    LINGER_SECONDS, then close the TCP connection, lingering if asked as a plain one
+    does: the client's own close_notify, if it sends one, is read and dropped there."""
     with trio.CancelScope(shield=True, deadline=trio.current_time() + LINGER_SECONDS):
         try:
-            if linger:
-                await stream.unwrap()
-            elif hasattr(stream, "_https_compatible"):
-                # trio's private flag (set by https_compatible=True): unset, aclose()
-                # sends the close_notify it would otherwise skip
-                stream._https_compatible = False
-                await stream.aclose()
-            else:  # a trio without the flag: unwrap() sends it (and awaits the client's)
-                await stream.unwrap()
+            await stream.send_close_notify()
         except CLOSE_ERRORS:
             pass
-    if linger and isinstance(transport, trio.SocketStream):
-        await drain_client(transport)
-    await trio.aclose_forcefully(transport)
+    if linger:
+        await drain_client(stream.transport_stream)
+    stream.close()
 
 
 def socket_of(stream: trio.abc.Stream) -> Any:

@@ -10,8 +10,8 @@ once per worker, runs the app for one request and writes its response through
 :meth:`HTTPConnection.send` with ``framing.body`` and ``framing.end``.
 
 Timeouts, as deadlines the worker's sweeper enforces (``ServerState.sweep`` and
-``HTTPConnection.expire``: it interrupts the connection's wait on a raw socket, and
-cancels the connection's scope under TLS):
+``HTTPConnection.expire``: it interrupts the connection's wait on a raw socket, plain or
+under TLS, and cancels the connection's scope on any other stream):
 - idle: waiting for the first byte of a request (``keep_alive_timeout``; during a drain the
   short drain grace instead, so a request already on its way is still served);
 - head: from the first byte of a request to the end of its head (``header_timeout``, not
@@ -54,6 +54,7 @@ from .h1core import (
 from .rawstream import RECEIVE_SIZE, RawSocketStream
 from .shared import APP, BODY, HEAD, IDLE, SEND
 from .state import ServerState
+from .tlsstream import TLSSocketStream
 
 __all__ = ["Adapter", "BodyReader", "BodyTooLarge", "ClientGone", "HTTPConnection", "RequestHead"]
 
@@ -160,9 +161,10 @@ class HTTPConnection(H1Core):
         self.adapter = adapter
         self.stream = stream
         self.server = server
-        # a raw socket says when a send stalls (send_stalled) and its deadlines interrupt
-        # its waits; other streams are timed in write() and their deadlines cancel a scope
-        self.raw = raw = stream if isinstance(stream, RawSocketStream) else None
+        # a raw socket (or TLS over one) says when a send stalls (send_stalled) and its
+        # deadlines interrupt its waits; other streams are timed in write() and their
+        # deadlines cancel a scope
+        self.raw = raw = stream if isinstance(stream, (RawSocketStream, TLSSocketStream)) else None
         self.scope = _NO_SCOPE if raw is not None else trio.CancelScope()
         self.send_mark = -1  # what the kernel held for the client at the last look
         self.stalled_in = APP  # the phase a stalled send came from (send_stalled)

@@ -295,6 +295,13 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         waiter.post(self)
         return True
 
+    @property
+    def can_send_soon(self) -> bool:
+        """send_soon would take an answer now (for a stream above this one that must
+        know before it commits to the bytes: TLS, whose records cannot be unmade)."""
+        waiter = self.waiter
+        return not self._out and not self._closed and waiter is not None and waiter.open
+
     def write_posted(self) -> None:
         """The flusher's write of an answer handed over with send_soon."""
         data = self._out

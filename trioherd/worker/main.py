@@ -596,23 +596,22 @@ async def _addresses(sock: socket.socket, gate: ProxyGate | None) -> tuple[Any, 
 def _tls_handler(
     state: ServerState, adapter: Adapter, ssl_context: Any, connection: type[HTTPConnection]
 ) -> Handler:
-    """HTTPS: the TLS handshake in the connection's task, then HTTP over trio's SSLStream."""
-    from .._tls import handshake
+    """HTTPS: the TLS handshake in the connection's task, then HTTP over TLS on the raw
+    socket (``protocols.tlsstream``), which the connection drives like a plain one."""
+    from .._tls import secure
 
-    config = state.config
+    timeout = state.config.tls_handshake_timeout
     gate = _proxy_gate(state)
 
     async def handle_tls(sock: socket.socket) -> None:
-        addresses = await _addresses(sock, gate)
+        addresses = await _addresses(sock, gate)  # a PROXY header comes before TLS
         if addresses is None:
             return
-        client, server = addresses
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        secured = await handshake(stream, ssl_context, config.tls_handshake_timeout)
+        secured = await secure(sock, ssl_context, timeout, state.edge)
         if secured is None:
             return
-        tls_stream, tls = secured
-        await connection(state, adapter, tls_stream, client, server, "https", tls).run()
+        stream, tls = secured
+        await connection(state, adapter, stream, *addresses, "https", tls).run()
 
     return handle_tls
 
