@@ -93,6 +93,8 @@ class Config(
             raise ConfigError("keyfile", "needs --certfile too")
         if self.client_cert != "none" and not self.ca_certs:
             raise ConfigError("client_cert", f"{self.client_cert!r} needs --ca-certs")
+        if self.root_path and not self.root_path.startswith("/"):
+            raise ConfigError("root_path", f"must start with / (got {self.root_path!r})")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"{self.name!r} is not a valid herd name")
         if self.http == "httptools" and not have_httptools():

@@ -19,7 +19,7 @@ import attrs
 from .protocols.forwarded import FAMILIES, X_FORWARDED
 
 DISPATCH_POLICIES = ("round-robin", "least-busy", "shared")
-INTERFACES = ("auto", "native", "asgi", "stream")
+INTERFACES = ("auto", "native", "asgi", "wsgi", "stream")
 CLIENT_CERT_MODES = ("none", "optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -27,6 +27,7 @@ LOG_FORMATS = ("text", "json")
 WS_MODES = ("auto", "wsproto", "none")
 HTTP_PARSERS = ("auto", "h11", "httptools")
 DEFAULT_BIND = "127.0.0.1:8000"
+DEFAULT_THREADS = 32  # see docs/wsgi.md, "Threads": measured with blocking Flask views
 KINDS = ("int", "float", "str", "bool", "list", "intlist", "choice")
 OPTION_KEY = "trioherd.option"
 
@@ -200,6 +201,24 @@ class AppOptions:
     interface: str = attrs.field(
         default="auto",
         metadata=option("choice", "app interface (auto-detected by default)", choices=INTERFACES),
+    )
+    threads: int = attrs.field(
+        default=DEFAULT_THREADS,
+        metadata=option(
+            "int",
+            f"threads per worker that run a WSGI app's requests (default: {DEFAULT_THREADS}): "
+            "the best measured for Flask views that block on I/O (docs/wsgi.md); a request "
+            "that finds them all busy waits for one. Other interfaces use none",
+            minimum=1,
+        ),
+    )
+    root_path: str | None = attrs.field(
+        default=None,
+        metadata=option(
+            "str",
+            "the path prefix the app is mounted under behind a proxy (/api): a WSGI app "
+            "gets it as SCRIPT_NAME, and the rest of the path as PATH_INFO",
+        ),
     )
     asyncio: bool = attrs.field(
         default=False,

@@ -129,6 +129,7 @@ SPECIAL: dict[str, tuple[list[str], object]] = {
     "forwarded_allow_ips": (["10.0.0.0/8,::1"], "10.0.0.0/8,::1"),
     "proxy_protocol_allow_ips": (["10.0.0.0/8,::1"], "10.0.0.0/8,::1"),
     "max_header_size": (["1024"], 1024),
+    "root_path": (["/api"], "/api"),  # a path: it starts with /
     "ws_per_message_deflate": (["false"], False),  # on by default: --no-ws-per-message-deflate
     "batch_primary": (["false"], False),  # on by default: --no-batch-primary
 }

@@ -1,13 +1,16 @@
 """Apps: the native Request/Response types, loading an app by import string, and telling
-the three interfaces apart.
+the interfaces apart.
 
 - native: ``async def app(request: Request) -> Response``
 - ASGI 3: ``async def app(scope, receive, send)``
+- WSGI (PEP 3333): ``def app(environ, start_response)``, run in threads (``apps.wsgi``)
 - stream: ``async def handle(stream: trio.abc.Stream)``, for protocols other than HTTP
 
 Detection (``--interface auto``): a function marked with :func:`stream_handler` or whose one
 parameter is annotated with a trio stream type is a stream handler; three parameters make an
-ASGI app; one parameter makes a native app.
+ASGI app; a plain (not async) callable that takes two arguments is a WSGI app (a function,
+an object whose ``__call__`` is one: Flask, Django's ``get_wsgi_application()``, or a
+wrapper taking ``*args``); one parameter makes a native app.
 """
 
 from __future__ import annotations
@@ -175,49 +178,81 @@ def load(spec: str) -> Any:
     return obj
 
 
-def refuse_sync(app: Any) -> None:
-    """Raise ConfigError for a plain ``def`` function (or method) given as the app: every
-    interface calls the app and awaits what it returns, so it would fail every request.
-    An object whose ``__call__`` is a plain method returning a coroutine (Quart's app) is
-    accepted: only a call tells what it returns."""
-    if not (inspect.isfunction(app) or inspect.ismethod(app)):
+def _is_async(app: Any) -> bool:
+    """``app`` is (or whose ``__call__`` is) an async function, or a plain one that says
+    it returns an awaitable."""
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else app.__call__
+    if inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+        return True
+    returns = str(getattr(call, "__annotations__", {}).get("return", ""))
+    return "Awaitable" in returns or "Coroutine" in returns
+
+
+def _positional(app: Any) -> list[inspect.Parameter] | None:
+    """The positional parameters without a default the app takes (the function's, or
+    its ``__call__``'s); None if its signature cannot be read."""
+    target = app if inspect.isfunction(app) or inspect.ismethod(app) else app.__call__
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    return [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+
+
+def _takes_two(app: Any) -> bool:
+    """``app(environ, start_response)`` is a call its signature allows (two parameters,
+    or ``*args``: a wrapper such as wsgiref's validator)."""
+    target = app if inspect.isfunction(app) or inspect.ismethod(app) else app.__call__
+    try:
+        inspect.signature(target).bind(None, None)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def refuse_sync(app: Any, wsgi: bool = True) -> None:
+    """Raise ConfigError for a plain ``def`` function (or method) given as the app, unless
+    it is a WSGI app (two parameters) and ``wsgi`` allows one: the other interfaces call
+    the app and await what it returns, so it would fail every request. An object whose
+    ``__call__`` is a plain method returning a coroutine (Quart's app) is accepted: only
+    a call tells what it returns."""
+    if not (inspect.isfunction(app) or inspect.ismethod(app)) or _is_async(app):
         return
-    if inspect.iscoroutinefunction(app) or inspect.isasyncgenfunction(app):
-        return
-    returns = str(getattr(app, "__annotations__", {}).get("return", ""))
-    if "Awaitable" in returns or "Coroutine" in returns:
-        return  # a plain function that says it returns an awaitable
+    if wsgi and _takes_two(app):
+        return  # def app(environ, start_response): WSGI
     name = f"{getattr(app, '__module__', '?')}:{getattr(app, '__qualname__', app)}"
-    params = len(inspect.signature(app).parameters)
-    hint = " (two parameters: a WSGI app? trioherd serves ASGI 3)" if params == 2 else ""
     raise ConfigError(
         "app",
-        f"{name} is a plain function (def), not async def{hint}; trioherd serves "
-        "async def app(request) (native) or async def app(scope, receive, send) (ASGI 3)",
+        f"{name} is a plain function (def), not async def; trioherd serves "
+        "async def app(request) (native), async def app(scope, receive, send) (ASGI 3) "
+        "or def app(environ, start_response) (WSGI)",
     )
 
 
 def detect_interface(app: Any, configured: str = "auto") -> str:
-    """The app's interface (see the module's docstring); a plain ``def`` function is
-    refused with ConfigError."""
-    refuse_sync(app)
+    """The app's interface (see the module's docstring); a plain ``def`` function that is
+    not a WSGI app is refused with ConfigError, and so is an async one named WSGI."""
+    if configured == "wsgi":
+        if _is_async(app):
+            raise ConfigError("interface", "wsgi: the app is async def, not a WSGI app")
+        return configured
+    refuse_sync(app, wsgi=configured == "auto")
     if configured != "auto":
         return configured
     marked = getattr(app, "__trioherd_interface__", None)
     if isinstance(marked, str):
         return marked
-    target = app if inspect.isfunction(app) or inspect.ismethod(app) else app.__call__
-    try:
-        signature = inspect.signature(target)
-    except (TypeError, ValueError):
+    params = _positional(app)
+    if params is None:
         return "native"
-    params = [
-        p
-        for p in signature.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
     if len(params) == 3:
         return "asgi"
+    if not _is_async(app) and _takes_two(app):
+        return "wsgi"
     if len(params) == 1:
         annotation = params[0].annotation
         text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")

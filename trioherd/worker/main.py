@@ -521,6 +521,10 @@ def _adapter(app: Any, interface: str, state: ServerState) -> Adapter:
     """The app's HTTP interface, chosen once per worker."""
     if interface == "asgi":
         return ASGIAdapter(app, state.asgi_state)
+    if interface == "wsgi":  # its threads and streams, loaded only for a WSGI app
+        from ..apps.wsgi import WSGIAdapter
+
+        return WSGIAdapter(app, state)
     return NativeAdapter(app)
 
 
