@@ -416,6 +416,7 @@ def test_a_client_that_stops_reading_is_cut_by_the_send_timeout_and_it_is_logged
     cut = cut_lines(herd.stderr, "send_timeout")
     assert len(cut) == 1 and f"WebSocket 127.0.0.1:{port} cut" in cut[0], herd.stderr
     assert "the client took nothing for 1 s" in cut[0]
+    assert "connection (send_timeout:" not in herd.stderr  # one line, not the HTTP one too
     assert cut_lines(herd.stderr, "ping_timeout") == []
     assert "Traceback" not in herd.stderr  # the app's send raised WebSocketClosed: quiet
     with connect(url) as ws:

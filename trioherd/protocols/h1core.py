@@ -91,7 +91,8 @@ class Exchange:
     """One request and its response: made when the request's head is read, done when
     the connection moves on to the next. Its request line and fields, the client and
     scheme (as a trusted proxy may report them), whether it has a body or asks to switch
-    protocols, and what has happened to its response (begun, counted, 100 Continue)."""
+    protocols, and what has happened to its response (begun, counted, 100 Continue, a
+    protocol switched to)."""
 
     __slots__ = (
         "bodyless",
@@ -104,6 +105,7 @@ class Exchange:
         "scheme",
         "sent_continue",
         "started",
+        "switched",
         "target",
         "upgrade",
     )
@@ -133,6 +135,7 @@ class Exchange:
         self.sent_continue = False
         self.counted = False
         self.started = 0.0  # time.perf_counter() when read, for the access log (or 0)
+        self.switched = False  # the connection now speaks another protocol (a WebSocket)
 
 
 # where a connection waits for a request: an answer given before a head is read (400,

@@ -295,7 +295,9 @@ class HTTPConnection(H1Core):
             # a cut, counted and logged; an idle connection's end is not one (it was kept
             # alive as long as promised), or was counted when shed
             reason = _CUT_REASONS.get(self.expired) if self.expired is not None else None
-            if reason is not None:
+            if reason is not None and self.exchange.switched:
+                state.stats.cuts.add(reason, 1)  # the new protocol logged it (a WebSocket)
+            elif reason is not None:
                 state.cut(reason, self.peer)
             await close_stream(self.stream, linger, reset=self.expired == SEND)
 

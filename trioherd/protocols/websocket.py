@@ -71,7 +71,8 @@ def note_cut(reason: str, client: tuple[str, int] | None, stats: Stats, detail: 
 
     - ``"send_timeout"``: the client took none of what we send for ``--send-timeout``
       (a client that stopped reading): the connection is reset. Counted by the
-      connection itself when it ends (``HTTPConnection.run``), as for HTTP;
+      connection itself when it ends (``HTTPConnection.run``: the count only, since
+      ``Exchange.switched`` says this line is its log line);
     - ``"ping_timeout"``: no pong within ``--ws-ping-timeout`` of a ping going out: the
       connection is dropped (no close frame);
     - ``"limit"``: a message over ``--ws-max-size`` (after decompression): closed with
@@ -297,6 +298,7 @@ class Upgrade:
         )
         websocket = WebSocket(http, session, subprotocol, self.nursery, self.client)
         await http.send(head)
+        http.exchange.switched = True  # its cuts are logged here (note_cut), not twice
         self.websocket = websocket
         http.state.websockets.add(websocket)
         http.state.stats.ws_open += 1
