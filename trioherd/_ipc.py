@@ -68,6 +68,7 @@ CUT_REASONS = (
     "shed",  # an idle keep-alive connection closed near --max-connections
     "limit",  # a head, body or WebSocket message over its limit (431, 413, close 1009)
     "ping_timeout",  # a WebSocket client that did not answer a ping in time
+    "close_timeout",  # a WebSocket client that did not answer our close frame in time
     "proxy_refused",  # a PROXY header from a peer not in --proxy-protocol-allow-ips
 )
 

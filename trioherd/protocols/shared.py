@@ -60,6 +60,7 @@ _CUT_WHY = {
     "shed": "idle keep-alive connection closed near --max-connections",
     "limit": "over a size limit (431, 413, or WebSocket close 1009)",
     "ping_timeout": "WebSocket client did not answer a ping within --ws-ping-timeout",
+    "close_timeout": "WebSocket client did not answer our close frame in time",
     "proxy_refused": "PROXY header from a peer not in --proxy-protocol-allow-ips",
 }
 

@@ -56,9 +56,10 @@ from .ws_session import WebSocketClosed as WebSocketClosed
 
 log = logging.getLogger("trioherd.http")
 
-COUNTED = frozenset(("limit", "ping_timeout"))
-"""The reasons a WebSocket cut is counted under here (``_ipc.CUT_REASONS``): the others
-are counted by the connection (``send_timeout``), or not in the heartbeat yet."""
+COUNTED = frozenset(("limit", "ping_timeout", "close_timeout"))
+"""The reasons a WebSocket cut is counted under here (``_ipc.CUT_REASONS``): the connection
+counts ``send_timeout``; ``protocol_error`` and ``drain`` are the client's fault or our
+stop, not cuts of a client that did its part, and are only logged."""
 
 
 def note_cut(reason: str, client: tuple[str, int] | None, stats: Stats, detail: str) -> None:
