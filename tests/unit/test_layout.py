@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "trioherd"
-MAX_CLASS_LINES = 450
+MAX_CLASS_LINES = 350
 MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 700
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -42,7 +43,8 @@ def _spans(tree: ast.Module, kinds: tuple[type[ast.AST], ...]) -> Iterator[tuple
             yield f"{node.name} (line {node.lineno})", end - node.lineno + 1
 
 
-def test_no_class_over_450_lines_and_no_function_over_60() -> None:
+def test_no_class_over_350_lines_no_function_over_60_and_no_module_over_700() -> None:
+    """Rooms with headroom: one near its limit is split by job, not squeezed."""
     too_long = []
     for name, tree in _modules().items():
         for what, lines in _spans(tree, (ast.ClassDef,)):
@@ -51,6 +53,9 @@ def test_no_class_over_450_lines_and_no_function_over_60() -> None:
         for what, lines in _spans(tree, (ast.FunctionDef, ast.AsyncFunctionDef)):
             if lines > MAX_FUNCTION_LINES:
                 too_long.append(f"{name}.py: {what}: {lines} lines")
+        end = max((getattr(node, "end_lineno", 0) or 0 for node in tree.body), default=0)
+        if end > MAX_MODULE_LINES:
+            too_long.append(f"{name}.py: {end} lines")
     assert too_long == []
 
 
@@ -176,7 +181,13 @@ def test_the_package_has_its_rooms_and_the_worker_side_never_imports_the_primary
 
 
 # the protocol cores: what an asyncio runtime would reuse as it is
-CORES = ("protocols.h1core", "protocols.shared", "protocols.framing")
+CORES = (
+    "protocols.h1core",
+    "protocols.shared",
+    "protocols.framing",
+    "protocols.ws_session",
+    "protocols.ws_incoming",
+)
 RUNTIMES = ("trio", "asyncio", "anyio", "trio_asyncio")
 
 
