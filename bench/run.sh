@@ -12,6 +12,11 @@
 # uvicorn-httptools gunicorn-asgi gunicorn24-asgi"), MODES (subset of "ka2 close2 pinned1"),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
+# WSGI (issue 27): MODES wsgi2 (Flask hello) and wsgiblock (a Flask view sleeping 10 ms)
+# serve bench/wsgi_app.py with SERVERS trioherd, gunicorn-gthread and granian-wsgi (the
+# ASGI-only servers sit them out); WSGI_THREADS (trioherd --threads; its default if unset),
+# GTHREAD_THREADS (gunicorn --threads, default 8), GRANIAN_THREADS (granian
+# --blocking-threads; its default if unset).
 set -euo pipefail
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,11 +41,11 @@ is_int_in() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= $2 && $1 <= $3 )); }
 is_int_in "$DURATION" 1 600 || die "DURATION must be an integer number of seconds, 1..600"
 is_int_in "$ROUNDS" 1 50 || die "ROUNDS must be an integer, 1..50"
 for s in $SERVERS; do
-    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|trioherd-nobatch|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi|gunicorn24-asgi)$ ]] \
+    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|trioherd-nobatch|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi|gunicorn24-asgi|gunicorn-gthread|granian-wsgi)$ ]] \
         || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
-    [[ $m =~ ^(ka2|close2|pinned1)$ ]] || die "unknown mode in MODES: $m"
+    [[ $m =~ ^(ka2|close2|pinned1|wsgi2|wsgiblock)$ ]] || die "unknown mode in MODES: $m"
 done
 mkdir -p "$LOGDIR"
 RAW="$LOGDIR/runs.tsv"
@@ -204,11 +209,14 @@ setup_venv() {
     # peer: the pip packages it needs, and a module to import that proves them there
     declare -A PACKAGES=([hypercorn]="hypercorn" [uvicorn]="uvicorn"
         [granian]="granian" [uvicorn-httptools]="uvicorn httptools uvloop"
-        [gunicorn-asgi]="gunicorn>=24")
+        [gunicorn-asgi]="gunicorn>=24" [gunicorn-gthread]="gunicorn>=24 flask"
+        [granian-wsgi]="granian flask")
     declare -A PROBE=([hypercorn]="hypercorn" [uvicorn]="uvicorn" [granian]="granian"
-        [uvicorn-httptools]="uvicorn, httptools, uvloop" [gunicorn-asgi]="gunicorn.workers.gasgi")
+        [uvicorn-httptools]="uvicorn, httptools, uvloop" [gunicorn-asgi]="gunicorn.workers.gasgi"
+        [gunicorn-gthread]="gunicorn.workers.gthread, flask" [granian-wsgi]="granian, flask")
     local peer
-    for peer in hypercorn uvicorn granian uvicorn-httptools gunicorn-asgi; do
+    for peer in hypercorn uvicorn granian uvicorn-httptools gunicorn-asgi gunicorn-gthread \
+            granian-wsgi; do
         [[ " $SERVERS " == *" $peer "* ]] || continue
         if [[ -n ${BENCH_REINSTALL:-} ]] || ! "$PY" -c "import ${PROBE[$peer]}" 2>/dev/null; then
             log "pip install ${PACKAGES[$peer]}"
@@ -221,6 +229,12 @@ setup_venv() {
         fi
         HAVE[$peer]=1
     done
+    # the WSGI modes' Flask views, for trioherd too
+    if [[ " $MODES " == *" wsgi"* ]] && ! "$PY" -c "import flask" 2>/dev/null; then
+        log "pip install flask"
+        "${pip[@]}" flask >"$LOGDIR/pip-flask.log" 2>&1 \
+            || die "could not install flask for the WSGI modes (see $LOGDIR/pip-flask.log)"
+    fi
     # gunicorn 24, issue 13's baseline, in a venv of its own (the main one has the newest)
     if [[ " $SERVERS " == *" gunicorn24-asgi "* ]]; then
         if [[ ! -x $VENV_G24/bin/gunicorn || -n ${BENCH_REINSTALL:-} ]]; then
@@ -246,7 +260,8 @@ declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
     [gunicorn-asgi]="gunicorn -k asgi (its Python parser, asyncio loop)"
     [gunicorn24-asgi]="gunicorn 24.0.0 -k asgi (issue 13's baseline, asyncio loop)"
     [uvicorn]="uvicorn --http h11 (+TCP_NODELAY)" [bare]="bare trio+h11"
-    [granian]="granian (Rust)" [uvicorn-httptools]="uvicorn --http httptools, uvloop (+TCP_NODELAY)")
+    [granian]="granian (Rust)" [uvicorn-httptools]="uvicorn --http httptools, uvloop (+TCP_NODELAY)"
+    [gunicorn-gthread]="gunicorn -k gthread" [granian-wsgi]="granian --interface wsgi (Rust)")
 
 # Sets CMD to the command line of server NAME with WORKERS workers on PORT.
 server_cmd() {
@@ -259,8 +274,18 @@ server_cmd() {
                 trioherd-shared) extra=(--dispatch shared) ;;
                 trioherd-nobatch) extra=(--no-batch-primary) ;;
             esac
-            CMD=("$PY" -m trioherd serve bench.hello_app:app --workers "$workers"
+            if [[ $APP == bench.wsgi_app:* && -n ${WSGI_THREADS:-} ]]; then
+                extra+=(--threads "$WSGI_THREADS")
+            fi
+            CMD=("$PY" -m trioherd serve "$APP" --workers "$workers"
                  "${extra[@]}" --bind "127.0.0.1:$port" --name "bench-$port") ;;
+        gunicorn-gthread) CMD=("$VENV/bin/gunicorn" -k gthread --threads "${GTHREAD_THREADS:-8}"
+                               -w "$workers" -b "127.0.0.1:$port" --log-level warning "$APP") ;;
+        granian-wsgi)
+            local threads=()
+            [[ -n ${GRANIAN_THREADS:-} ]] && threads=(--blocking-threads "$GRANIAN_THREADS")
+            CMD=("$VENV/bin/granian" --interface wsgi --workers "$workers" "${threads[@]}"
+                 --host 127.0.0.1 --port "$port" --log-level warning "$APP") ;;
         gunicorn-asgi) CMD=("$VENV/bin/gunicorn" -k asgi --asgi-loop asyncio --http-parser python
                             -w "$workers" -b "127.0.0.1:$port" --log-level warning
                             bench.hello_app:app) ;;
@@ -297,6 +322,17 @@ run_one() {
         ka2) ;;
         close2) wrk_extra=(-H "Connection: close") ;;
         pinned1) workers=1; pin_server=(taskset -c 0); pin_wrk=(taskset -c 1) ;;
+        wsgi2 | wsgiblock) ;;
+    esac
+    # the app of the mode; a server that cannot serve it sits the mode out (no row)
+    APP=bench.hello_app:app
+    case $mode in
+        wsgi2) APP=bench.wsgi_app:hello ;;
+        wsgiblock) APP=bench.wsgi_app:blocking ;;
+    esac
+    case $mode:$server in
+        wsgi*:trioherd | wsgi*:trioherd-h11 | wsgi*:gunicorn-gthread | wsgi*:granian-wsgi) ;;
+        wsgi*:* | *:gunicorn-gthread | *:granian-wsgi) return 0 ;;
     esac
     local tag="r$round-$mode-$server"
     local slog="$LOGDIR/$tag.server.log" wlog="$LOGDIR/$tag.wrk.txt"
@@ -474,11 +510,15 @@ labels = {
     "bare": "bare trio+h11 (no ASGI)",
     "granian": "granian (Rust)",
     "uvicorn-httptools": "uvicorn --http httptools, uvloop (+TCP_NODELAY)",
+    "gunicorn-gthread": "gunicorn -k gthread",
+    "granian-wsgi": "granian --interface wsgi (Rust)",
 }
 mode_labels = {
     "ka2": "2 workers, keep-alive",
     "close2": "2 workers, new connection per request",
     "pinned1": "1 worker pinned to CPU 0 (wrk on CPU 1), keep-alive",
+    "wsgi2": "WSGI: Flask hello, 2 workers, keep-alive",
+    "wsgiblock": "WSGI: Flask view blocking 10 ms, 2 workers, keep-alive",
 }
 fields = ["round", "mode", "server", "status", "rps", "p99", "rss", "cpu", "ready", "errors",
           "exit", "note", "cpureq"]
@@ -530,6 +570,8 @@ for mode in modes:
     for server in servers:
         status = cell_status(server, mode)
         rs = [r for r in runs if r["server"] == server and r["mode"] == mode]
+        if not rs:  # the server sits this mode out (an ASGI server in a WSGI mode)
+            continue
         ok = sum(r["status"] == "ok" for r in rs)
         if status:
             lines.append(f"| {labels[server]} | {mode_labels[mode]} | {status} | | | | | | {ok}/{len(rs)} |")
@@ -571,11 +613,18 @@ checks = [
      ratio("pinned1", "gunicorn-asgi", "trioherd-h11"), 1.0),
     ("per core with h11 >= 1.0x gunicorn 24 -k asgi (the issue's baseline)",
      ratio("pinned1", "gunicorn24-asgi", "trioherd-h11"), 1.0),
+    # issue 27 (granian's ratio is published, not a target)
+    ("WSGI Flask hello >= 1.0x gunicorn -k gthread", ratio("wsgi2", "gunicorn-gthread"), 1.0),
+    ("WSGI Flask hello vs granian --interface wsgi", ratio("wsgi2", "granian-wsgi"), 0.0),
+    ("WSGI Flask 10 ms view >= 1.0x gunicorn -k gthread",
+     ratio("wsgiblock", "gunicorn-gthread"), 1.0),
+    ("WSGI Flask 10 ms view vs granian --interface wsgi",
+     ratio("wsgiblock", "granian-wsgi"), 0.0),
 ]
 target_lines = []
 for name, value, goal in checks:
     if value is not None:
-        verdict = "met" if value >= goal else "NOT met"
+        verdict = "published" if not goal else "met" if value >= goal else "NOT met"
         target_lines.append(f"| {name} | {value:.2f}x | {verdict} |")
 if cpu is not None:
     target_lines.append(f"| primary CPU < 2 % (2 workers, keep-alive) | {cpu:.2f} % | "

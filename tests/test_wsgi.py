@@ -192,6 +192,15 @@ async def test_body_reads_write_callable_and_root_path() -> None:
             assert written.text == "written twice then returned"
             assert written.headers["transfer-encoding"] == "chunked"
 
+            # a body the app did not read is read and dropped: the connection goes on
+            both = await raw_request(
+                herd,
+                b"POST /api/ignore HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n0123456789"
+                b"GET /api/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            )
+            assert both.count(b"HTTP/1.1 200 OK") == 2, both
+            assert both.endswith(b"Hello, WSGI!") and b"not read" in both
+
             inside = (await client.get(herd.url + "/api/echo")).json()
             assert (inside["SCRIPT_NAME"], inside["PATH_INFO"]) == ("/api", "/echo")
             outside = (await client.get(herd.url + "/apiary/echo")).json()

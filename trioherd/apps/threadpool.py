@@ -97,7 +97,11 @@ class Job:
         pool = self._pool
         if pool.token is None:
             pool.token = trio.lowlevel.current_trio_token()
-        await pool.limiter.acquire_on_behalf_of(self)
+        await trio.lowlevel.checkpoint_if_cancelled()  # no thread for a cancelled task
+        try:  # a free thread: no trip through the scheduler (the usual case)
+            pool.limiter.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            await pool.limiter.acquire_on_behalf_of(self)
         try:
             trio.lowlevel.start_thread_soon(fn, self._deliver, "trioherd app thread")
         except BaseException:
