@@ -18,18 +18,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import secrets
 import socket
 import ssl
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._config import Config
 from ._errors import ConfigError
-from .protocols.rawstream import EdgeWaiter
+from .protocols.shared import HEAD, Phase
 from .protocols.tlsstream import TLSSocketStream
+
+if TYPE_CHECKING:
+    from .protocols.state import ServerState
 
 log = logging.getLogger("trioherd.tls")
 
@@ -309,33 +313,61 @@ def facts(tls: Any) -> dict[str, Any]:
     }
 
 
+class _HandshakeWatch:
+    """A connection in its TLS handshake as the worker's sweeper sees it (``Watched``):
+    at the handshake timeout it interrupts the handshake's wait, as it ends a waiting
+    HTTP connection's, so the handshake needs no cancel scope of its own."""
+
+    __slots__ = ("deadline", "expired", "phase", "served", "stream")
+
+    def __init__(self, stream: TLSSocketStream, deadline: float) -> None:
+        self.stream = stream
+        self.deadline = deadline
+        self.phase = HEAD
+        self.served = 0
+        self.expired: Phase | None = None
+
+    def check_send(self, now: float) -> None:
+        pass  # never in SEND
+
+    def expire(self) -> bool:
+        if not self.stream.interrupt():
+            return False  # not waiting: it runs, and the next sweep looks again
+        self.expired = HEAD
+        self.deadline = math.inf
+        return True
+
+
 async def secure(
-    sock: socket.socket, context: ssl.SSLContext, timeout: float, waiter: EdgeWaiter | None
+    sock: socket.socket, context: ssl.SSLContext, state: ServerState
 ) -> tuple[TLSSocketStream, dict[str, Any]] | None:
-    """The handshake of an HTTP connection on its accepted socket: its TLS stream and
+    """The handshake of an HTTP connection on its accepted socket, within the
+    handshake timeout (enforced by the worker's sweeper): its TLS stream and
     :func:`facts`, or None (the socket closed) if the client fails, goes or stalls. A
     client that OpenSSL refuses gets the alert that says why, within ALERT_TIMEOUT."""
-    stream = TLSSocketStream(sock, context, waiter)
-    with trio.move_on_after(timeout) as scope:
-        try:
-            await stream.do_handshake()
-        except ssl.SSLError as exc:
-            log.debug("TLS handshake failed: %s", exc)
-            with (
-                trio.move_on_after(ALERT_TIMEOUT),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
-                await stream.send_alert()
-            stream.close()
-            return None
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("TLS handshake failed: %s", exc.__cause__ or exc)
-            stream.close()
-            return None
-    if scope.cancelled_caught:
-        log.debug("TLS handshake timed out")
+    stream = TLSSocketStream(sock, context, state.edge)
+    watch = _HandshakeWatch(stream, state.now() + state.config.tls_handshake_timeout)
+    state.connections.add(watch)
+    try:
+        await stream.do_handshake()
+    except ssl.SSLError as exc:
+        log.debug("TLS handshake failed: %s", exc)
+        with (
+            trio.move_on_after(ALERT_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_alert()
         stream.close()
         return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        if watch.expired is not None:
+            log.debug("TLS handshake timed out")
+        else:
+            log.debug("TLS handshake failed: %s", exc.__cause__ or exc)
+        stream.close()
+        return None
+    finally:
+        state.connections.discard(watch)
     return stream, facts(stream.ssl_object)
 
 

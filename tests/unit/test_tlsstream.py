@@ -268,3 +268,49 @@ async def test_a_send_cut_off_mid_record_sends_no_close_notify() -> None:
             stream.close()
             with pytest.raises(EOFError):  # records, then one cut short, then the end
                 await client.read(8 << 20)
+
+
+async def test_tls_1_3_tickets_wait_for_the_first_answer_and_go_in_its_send() -> None:
+    async with connection() as (stream, client, _):
+        with trio.fail_after(10):
+            await handshake(stream, client)
+            with trio.move_on_after(0.2):  # nothing more comes: the tickets wait
+                await client.pull()
+                raise AssertionError("the server sent something before its first answer")
+            await stream.send_all(b"answer")
+            data = await client.sock.recv(65536)  # one send: tickets, then the answer
+            client.incoming.write(data)
+            assert await client.read(6) == b"answer"
+            assert client.tls.session is not None and client.tls.session.has_ticket
+
+
+async def test_tls_1_2_handshakes_at_once_since_its_client_waits_for_the_servers_finished() -> (
+    None
+):
+    async with connection(server_context(maximum=ssl.TLSVersion.TLSv1_2)) as (stream, client, _):
+        with trio.fail_after(10):
+            await handshake(stream, client)  # would hang if the server held its Finished
+            assert stream.ssl_object.version() == "TLSv1.2"
+            await client.sock.send(client.records(b"ping"))
+            assert await stream.receive_next() == b"ping"
+
+
+async def test_the_last_answer_carries_the_close_notify() -> None:
+    async with connection() as (stream, client, _):
+        with trio.fail_after(10):
+            await handshake(stream, client)
+            await stream.send_final(b"bye")
+            assert await client.read(100) == b"bye"  # then a clean end, not an EOF
+            assert stream.close_notify_nowait()  # nothing left to send before the close
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.send_all(b"after the end")
+
+
+async def test_close_notify_goes_after_an_answer_the_flusher_still_holds() -> None:
+    async with connection() as (stream, client, _):
+        with trio.fail_after(10):
+            await handshake(stream, client)
+            assert stream.send_soon(b"held")  # the flusher writes it in the next pass
+            assert not stream.close_notify_nowait()  # it cannot overtake the answer
+            await stream.send_close_notify()
+            assert await client.read(100) == b"held"

@@ -295,6 +295,23 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         waiter.post(self)
         return True
 
+    def send_nowait(self, data: bytes) -> bytes:
+        """Write what the kernel takes of ``data`` now, never waiting, and return the
+        rest: all of it while an answer handed to the flusher is not written (it goes
+        first), nothing once the stream is closed or broken. For a last word before the
+        close that needs no wait when the kernel has room (TLS's close_notify)."""
+        if self._closed:
+            return b""
+        if self._out or self._out_error is not None:
+            return data
+        try:
+            sent = self.socket.send(data)
+        except BlockingIOError:
+            return data
+        except OSError:
+            return b""  # the close finds it broken too
+        return data[sent:]
+
     @property
     def can_send_soon(self) -> bool:
         """send_soon would take an answer now (for a stream above this one that must

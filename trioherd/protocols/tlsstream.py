@@ -51,7 +51,16 @@ class TLSSocketStream(trio.abc.Stream):
     ``send_final``, ``interrupt``, ``resume``, ``watch``), which HTTPConnection uses the
     same way. ``transport_stream`` is the raw stream under it."""
 
-    __slots__ = ("_broken", "_incoming", "_more", "_outgoing", "ssl_object", "transport_stream")
+    __slots__ = (
+        "_broken",
+        "_incoming",
+        "_left",
+        "_more",
+        "_notified",
+        "_outgoing",
+        "ssl_object",
+        "transport_stream",
+    )
 
     def __init__(
         self, sock: socket.socket, context: ssl.SSLContext, waiter: EdgeWaiter | None = None
@@ -64,6 +73,8 @@ class TLSSocketStream(trio.abc.Stream):
         self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._more = False  # plaintext may be ready without a read of the socket
         self._broken = False  # a record went out in part: no close_notify can follow it
+        self._notified = False  # our close_notify is made: nothing can follow it
+        self._left = b""  # what close_notify_nowait could not send at once
 
     # -- the handshake ------------------------------------------------------------------
 
@@ -71,21 +82,31 @@ class TLSSocketStream(trio.abc.Stream):
         """The server's side of the handshake. Raises ssl.SSLError if OpenSSL refuses the
         client (then :meth:`send_alert` sends the alert that says why), trio's
         BrokenResourceError or ClosedResourceError if the client goes. Records the client
-        sent behind its Finished (its first request, often) stay for the first read."""
+        sent behind its Finished (its first request, often) stay for the first read.
+
+        With TLS 1.3 what OpenSSL writes once the handshake is done, the session tickets,
+        waits for the first answer and goes in its send: the client reads both at once,
+        and a send (and a wake-up of the client) is saved. In TLS 1.2 the server's
+        Finished is among it, and the client waits for it: it goes at once."""
         transport = self.transport_stream
         outgoing = self._outgoing
+        tls = self.ssl_object
+        receive = transport.receive_some  # the client's first flight is often here already
         while True:
             try:
-                self.ssl_object.do_handshake()
+                tls.do_handshake()
                 done = True
             except ssl.SSLWantReadError:
                 done = False
-            if outgoing.pending:
+            if outgoing.pending and not (done and tls.version() == "TLSv1.3"):
                 await transport.send_final(outgoing.read())
+                # its answer cannot be here yet: wait first, on the worker's EdgeWaiter
+                # (RawSocketStream.receive_next), which spares a recv that would fail
+                receive = transport.receive_next
             if done:
                 self._more = self._incoming.pending > 0
                 return
-            data = await transport.receive_some(RECEIVE_SIZE)
+            data = await receive(RECEIVE_SIZE)
             if not data:
                 raise trio.BrokenResourceError("the client closed during the TLS handshake")
             self._incoming.write(data)
@@ -172,6 +193,8 @@ class TLSSocketStream(trio.abc.Stream):
     # -- writing --------------------------------------------------------------------------
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The records of ``data``, after what OpenSSL wrote before them (the session
+        tickets of TLS 1.3, a KeyUpdate's answer)."""
         try:
             self.ssl_object.write(data)
         except ssl.SSLError as exc:
@@ -204,12 +227,17 @@ class TLSSocketStream(trio.abc.Stream):
             await self._send_pieces(data)
 
     async def send_final(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and write ``data`` now, without send_all's yield (see
-        RawSocketStream.send_final)."""
-        if len(data) <= PIECE:
-            await self._sending(self.transport_stream.send_final, self._encrypt(data))
-        else:
+        """The connection's last answer, written now, without send_all's yield (see
+        RawSocketStream.send_final), and our close_notify in the same send: the client
+        reads both at once, and closing costs no send of its own. Nothing can be sent
+        after it."""
+        if len(data) > PIECE:
             await self._send_pieces(data)
+            data = b""
+        cipher = self._encrypt(data) if data else b""
+        if not self._broken:
+            cipher += self._close_notify()
+        await self._sending(self.transport_stream.send_final, cipher)
 
     async def _send_pieces(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -229,22 +257,39 @@ class TLSSocketStream(trio.abc.Stream):
 
     # -- the end ----------------------------------------------------------------------------
 
+    def close_notify_nowait(self) -> bool:
+        """Our close_notify, sent at once if the kernel takes it (no wait, no cancel
+        scope: the usual case); True if nothing is left to send before the close, else
+        :meth:`send_close_notify` finishes it. Nothing is made if it went with the last
+        answer (send_final) already, or if a send broke off mid-record, since the client
+        could not read it anyway. The client's own close_notify is not awaited."""
+        transport = self.transport_stream
+        if not self._broken and not self._notified:
+            self._left = transport.send_nowait(self._close_notify())
+        return not self._left and not transport.pending
+
     async def send_close_notify(self) -> None:
-        """Send our close_notify (after what the flusher still holds), without waiting
-        for the client's: nothing follows it but the TCP close. Nothing if a send broke
-        off mid-record, since the client could not read it anyway."""
+        """Send what is left before the close: an answer the flusher holds, then our
+        close_notify (or what close_notify_nowait left of it)."""
         transport = self.transport_stream
         await transport.flush_pending()
-        if self._broken:
-            return
+        if not self._broken and not self._notified:
+            self._left = self._close_notify()
+        left, self._left = self._left, b""
+        if left:
+            await transport.send_final(left)
+
+    def _close_notify(self) -> bytes:
+        """Our close_notify's record, after what OpenSSL still held (b"" if OpenSSL
+        refuses: the connection is broken)."""
+        self._notified = True
         try:
             self.ssl_object.unwrap()
         except ssl.SSLWantReadError:
-            pass  # sent; the client's answer is not awaited
+            pass  # made; the client's answer is not awaited
         except ssl.SSLError:
-            return
-        if self._outgoing.pending:
-            await transport.send_final(self._outgoing.read())
+            return b""
+        return self._outgoing.read()
 
     def interrupt(self) -> bool:
         """A deadline passed: end the wait the connection's task is in (the raw stream's

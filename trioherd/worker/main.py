@@ -604,14 +604,13 @@ def _tls_handler(
     socket (``protocols.tlsstream``), which the connection drives like a plain one."""
     from .._tls import secure
 
-    timeout = state.config.tls_handshake_timeout
     gate = _proxy_gate(state)
 
     async def handle_tls(sock: socket.socket) -> None:
         addresses = await _addresses(sock, gate)  # a PROXY header comes before TLS
         if addresses is None:
             return
-        secured = await secure(sock, ssl_context, timeout, state.edge)
+        secured = await secure(sock, ssl_context, state)
         if secured is None:
             return
         stream, tls = secured
