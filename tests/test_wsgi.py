@@ -331,6 +331,29 @@ async def test_file_wrapper_sendfile_on_plain_and_a_copy_under_tls(
             assert (await client.get(url + "/")).text == "Hello, WSGI!"
 
 
+async def test_a_file_for_a_client_that_reads_nothing_is_cut_at_the_send_timeout(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as file:
+        file.truncate(256 * 1024 * 1024)  # sparse: 256 MiB of zeros, more than sockets hold
+    mark = tmp_path / "closed"
+    async with open_herd(app="apps.wsgi_apps:app", workers=1, send_timeout=1) as herd:
+        (worker,) = herd.workers
+        host, port = address_of(herd)
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            query = f"path={path}&mark={mark}"
+            await stream.send_all(f"GET /file?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            await wait_for_path(mark)  # cut: the sendfile ended, and the file was closed
+            assert mark.read_text() == "closed reads=0"
+            with trio.fail_after(TIMEOUT):  # the cut is counted, like any send timeout's
+                while worker.stats.get("cuts", {}).get("send_timeout", 0) < 1:
+                    await trio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:  # the worker serves on
+            assert (await client.get(herd.url + "/")).text == "Hello, WSGI!"
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 

@@ -24,13 +24,17 @@ closed, and no half-framed body is finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
+import struct
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from ..protocols.closing import reset_on_close
 from ..protocols.framing import Fields, InvalidResponse
 from ..protocols.h1core import ClientGone, Exchange
 from ..protocols.http1 import BodyReader, HTTPConnection
@@ -196,6 +200,7 @@ class WSGICall:
         "job",
         "length",
         "reader",
+        "send_timeout",
         "sent",
         "status",
     )
@@ -213,6 +218,7 @@ class WSGICall:
         self.head_sent = False
         self.complete = False  # the whole response was handed over
         self.sent = 0  # bytes sent by sendfile
+        self.send_timeout = _timeval(http.state.config.send_timeout)
         self.status = 0  # the event loop's: the status of the head it sent
 
     # -- in the app's thread -------------------------------------------------------
@@ -328,21 +334,37 @@ class WSGICall:
         return ()
 
     def _sendfile(self, fd: int, offset: int, length: int) -> None:
+        """The head through the event loop, then the file by the kernel from this thread,
+        as gunicorn does it: on a descriptor of the socket's own (``_loop_sendfile_head``),
+        blocking for the time of the file, so that one sendfile sends it all while the
+        kernel waits for the client (no wake-up of this thread or the event loop each time
+        the socket fills), for at most --send-timeout without progress."""
         out = self.job.call(self._loop_sendfile_head, self._checked_code(), self.fields, length)
         self.head_sent = self.complete = True
-        while out >= 0 and length:  # out < 0: no body (HEAD, 204, 304)
-            try:
-                sent = os.sendfile(out, fd, offset, length)
-            except BlockingIOError:
-                self.job.call(self._loop_writable)
-                continue
-            except OSError as exc:
-                raise ClientGone() from exc
-            if not sent:
-                raise InvalidResponse("the file ended before its content-length")
-            offset += sent
-            length -= sent
-            self.sent += sent
+        if out < 0:  # no body (HEAD, 204, 304)
+            return
+        sock = socket.socket(fileno=out)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.send_timeout)
+            os.set_blocking(out, True)
+            while length:
+                try:
+                    sent = os.sendfile(out, fd, offset, length)
+                except BlockingIOError:  # --send-timeout passed without progress
+                    self.job.call(self._loop_send_timeout)
+                    continue
+                except OSError as exc:
+                    raise ClientGone() from exc
+                if not sent:
+                    raise InvalidResponse("the file ended before its content-length")
+                offset += sent
+                length -= sent
+                self.sent += sent
+        finally:  # the socket is the event loop's again
+            with contextlib.suppress(OSError):
+                os.set_blocking(out, False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
+            sock.close()
 
     # -- in the connection's task (the thread's calls back) ---------------------------
 
@@ -375,17 +397,26 @@ class WSGICall:
         stream = http.stream
         if not http.framing.wants_body() or not isinstance(stream, RawSocketStream):
             return -1
-        return stream.socket.fileno()
+        # the thread's own descriptor: if this task is cancelled and closes the socket,
+        # the thread's calls still reach this socket, never one that took its number
+        return os.dup(stream.socket.fileno())
 
-    async def _loop_writable(self) -> None:
-        """Wait until the socket takes more (the send timeout applies, as to any send)."""
+    async def _loop_send_timeout(self) -> None:
+        """The client took none of a file for --send-timeout: cut, as any send would be
+        (counted, logged, and reset at the close)."""
         http = self.http
-        assert isinstance(http.stream, RawSocketStream)
-        http.send_stalled()
-        try:
-            await http.stream.wait_send_all_might_not_block()
-        finally:
-            http.send_resumed()
+        http.state.cut("send_timeout", http.peer)
+        reset_on_close(http.stream)
+        raise ClientGone()
+
+
+_NO_TIMEOUT = struct.pack("ll", 0, 0)
+
+
+def _timeval(seconds: float) -> bytes:
+    """SO_SNDTIMEO's struct timeval."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def _as_bytes(data: Any) -> bytes:
