@@ -53,6 +53,7 @@ class TLSSocketStream(trio.abc.Stream):
 
     __slots__ = (
         "_broken",
+        "_edge_next",
         "_incoming",
         "_left",
         "_more",
@@ -72,6 +73,7 @@ class TLSSocketStream(trio.abc.Stream):
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._more = False  # plaintext may be ready without a read of the socket
+        self._edge_next = False  # the next receive_some waits on the EdgeWaiter first
         self._broken = False  # a record went out in part: no close_notify can follow it
         self._notified = False  # our close_notify is made: nothing can follow it
         self._left = b""  # what close_notify_nowait could not send at once
@@ -92,6 +94,7 @@ class TLSSocketStream(trio.abc.Stream):
         outgoing = self._outgoing
         tls = self.ssl_object
         receive = transport.receive_some  # the client's first flight is often here already
+        on_edge = False
         while True:
             try:
                 tls.do_handshake()
@@ -102,9 +105,12 @@ class TLSSocketStream(trio.abc.Stream):
                 await transport.send_final(outgoing.read())
                 # its answer cannot be here yet: wait first, on the worker's EdgeWaiter
                 # (RawSocketStream.receive_next), which spares a recv that would fail
-                receive = transport.receive_next
+                receive, on_edge = transport.receive_next, True
             if done:
                 self._more = self._incoming.pending > 0
+                # the first request: unless it came with the client's Finished, it is on
+                # its way; wait for it where the handshake waited, no failing recv first
+                self._edge_next = on_edge and not self._more
                 return
             data = await receive(RECEIVE_SIZE)
             if not data:
@@ -129,8 +135,12 @@ class TLSSocketStream(trio.abc.Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()  # fairness: rawstream's
                 return data
         transport = self.transport_stream
+        receive = transport.receive_some
+        if self._edge_next:
+            self._edge_next = False
+            receive = transport.receive_next
         while True:
-            cipher = await transport.receive_some(RECEIVE_SIZE)
+            cipher = await receive(RECEIVE_SIZE)
             if not cipher:
                 return b""
             self._incoming.write(cipher)
