@@ -108,7 +108,7 @@ def header_fields(headers: Any) -> tuple[Fields, int | None]:
 class WSGIAdapter:
     """Serves a WSGI app; one per worker (see ``protocols.http1.Adapter``)."""
 
-    __slots__ = ("app", "base", "pool", "root_path", "state")
+    __slots__ = ("app", "base", "pool", "root_path", "send_timeout", "state")
 
     def __init__(self, app: WSGIApp, state: ServerState) -> None:
         config = state.config
@@ -116,6 +116,7 @@ class WSGIAdapter:
         self.state = state
         self.pool = ThreadPool(config.threads)
         self.root_path = (config.root_path or "").rstrip("/")
+        self.send_timeout = _timeval(config.send_timeout)  # SO_SNDTIMEO of a sendfile
         # what every request's environ holds the same
         self.base: dict[str, Any] = {
             "SCRIPT_NAME": self.root_path,
@@ -218,7 +219,7 @@ class WSGICall:
         self.head_sent = False
         self.complete = False  # the whole response was handed over
         self.sent = 0  # bytes sent by sendfile
-        self.send_timeout = _timeval(http.state.config.send_timeout)
+        self.send_timeout = adapter.send_timeout
         self.status = 0  # the event loop's: the status of the head it sent
 
     # -- in the app's thread -------------------------------------------------------
