@@ -10,8 +10,8 @@ once per worker, runs the app for one request and writes its response through
 :meth:`HTTPConnection.send` with ``framing.body`` and ``framing.end``.
 
 Timeouts, as deadlines the worker's sweeper enforces (``ServerState.sweep`` and
-``HTTPConnection.expire``: it interrupts the connection's wait on a raw socket, plain or
-under TLS, and cancels the connection's scope on any other stream):
+``HTTPConnection.expire``: it interrupts the connection's wait on its raw socket, plain
+or under TLS):
 - idle: waiting for the first byte of a request (``keep_alive_timeout``; during a drain the
   short drain grace instead, so a request already on its way is still served);
 - head: from the first byte of a request to the end of its head (``header_timeout``, not
@@ -60,9 +60,7 @@ __all__ = ["Adapter", "BodyReader", "BodyTooLarge", "ClientGone", "HTTPConnectio
 
 log = logging.getLogger("trioherd.http")
 
-SEND_PIECE = 65536  # over TLS a response is sent in pieces of this size (see write)
 SOON_MAX = 16384  # answers up to this size may be handed to the flusher (send_soon)
-_NO_SCOPE = trio.CancelScope()  # never entered: cancelling it does nothing
 _CUT_REASONS = {HEAD: "head_timeout", BODY: "body_timeout", SEND: "send_timeout"}
 
 
@@ -144,13 +142,13 @@ class HTTPConnection(H1Core):
     parsing itself.
     """
 
-    __slots__ = ("adapter", "raw", "scope", "send_mark", "server", "stalled_in", "stream")
+    __slots__ = ("adapter", "send_mark", "server", "stalled_in", "stream")
 
     def __init__(
         self,
         state: ServerState,
         adapter: Adapter,
-        stream: trio.abc.Stream,
+        stream: RawSocketStream | TLSSocketStream,
         client: tuple[str, int] | None,
         server: tuple[str, int] | None = None,
         scheme: str = "http",
@@ -159,22 +157,18 @@ class HTTPConnection(H1Core):
         super().__init__(state, client, tls)
         self.state: ServerState = state
         self.adapter = adapter
+        # a raw socket, plain or under TLS: it says when a send stalls (send_stalled), and
+        # a deadline interrupts its waits (expire)
         self.stream = stream
         self.server = server
-        # a raw socket (or TLS over one) says when a send stalls (send_stalled) and its
-        # deadlines interrupt its waits; other streams are timed in write() and their
-        # deadlines cancel a scope
-        self.raw = raw = stream if isinstance(stream, (RawSocketStream, TLSSocketStream)) else None
-        self.scope = _NO_SCOPE if raw is not None else trio.CancelScope()
         self.send_mark = -1  # what the kernel held for the client at the last look
         self.stalled_in = APP  # the phase a stalled send came from (send_stalled)
-        if raw is not None:
-            raw.watch = self
+        stream.watch = self
 
     def expire(self) -> bool:
-        """The current phase ran out of time: end whatever the connection awaits (a raw
-        socket's wait, see RawSocketStream.interrupt; else its cancel scope). False if the
-        raw socket's task is not waiting: not expired, it runs and moves on.
+        """The current phase ran out of time: end what the connection awaits (its raw
+        socket's wait, see RawSocketStream.interrupt). False if the task is not waiting:
+        not expired, it runs and moves on.
 
         Also False while bytes of the client's wait unread in the kernel (for at most a
         header timeout past the deadline): they came in time, and this worker, held up
@@ -186,12 +180,10 @@ class HTTPConnection(H1Core):
             and self.state.now() - self.deadline < self.state.config.header_timeout
         ):
             return False
-        raw = self.raw
-        if raw is not None and not raw.interrupt():
+        if not self.stream.interrupt():
             return False
         self.expired = self.phase
         self.deadline = math.inf
-        self.scope.cancel()
         return True
 
     # -- I/O helpers -------------------------------------------------------------------
@@ -203,30 +195,7 @@ class HTTPConnection(H1Core):
 
     async def write(self, data: bytes) -> None:
         self.state.stats.bytes_out += len(data)
-        if self.raw is not None:
-            await self.raw.send_all(data)
-        else:
-            await self._send_timed(data)
-
-    async def _send_timed(self, data: bytes) -> None:
-        """Send over a stream that cannot say when it stalls (TLS): in pieces, each of
-        which must go within ``send_timeout``; the sweeper also watches the kernel's
-        queue."""
-        timeout = self.state.config.send_timeout
-        self.phase = SEND
-        self.send_mark = -1
-        try:
-            if len(data) <= SEND_PIECE:
-                self.deadline = trio.current_time() + timeout
-                await self.stream.send_all(data)
-            else:
-                view = memoryview(data)
-                for start in range(0, len(data), SEND_PIECE):
-                    self.deadline = trio.current_time() + timeout
-                    await self.stream.send_all(view[start : start + SEND_PIECE])
-        finally:
-            self.phase = APP
-            self.deadline = math.inf
+        await self.stream.send_all(data)
 
     def send_stalled(self) -> None:
         """The raw socket's buffer is full, and the client took what it could since the
@@ -274,12 +243,8 @@ class HTTPConnection(H1Core):
         state.connections.add(self)
         linger = False
         try:
-            try:
-                if self.raw is not None:  # deadlines end its waits (expire): no scope needed
-                    linger = await self._serve_requests()
-                else:
-                    with self.scope:
-                        linger = await self._serve_requests()
+            try:  # (a deadline ends a wait through the stream: see expire)
+                linger = await self._serve_requests()
             except STREAM_ERRORS:
                 if self.expired not in (HEAD, BODY):
                     raise
@@ -331,8 +296,8 @@ class HTTPConnection(H1Core):
             await trio.lowlevel.cancel_shielded_checkpoint()
             return event
         # after a response on a raw socket, wait for the next request before reading
-        raw = self.raw
-        receive = raw.receive_next if self.served and raw is not None else self.stream.receive_some
+        stream = self.stream
+        receive = stream.receive_next if self.served else stream.receive_some
         while True:
             event = self.head_bytes(bytes(await receive(RECEIVE_SIZE)))
             if event is not NEED_DATA:
@@ -413,8 +378,8 @@ class HTTPConnection(H1Core):
         # the other answers of this pass, and this task goes straight back to waiting; the
         # connection's last answer goes at once (RawSocketStream.send_final)
         last = not self.framing.keep_alive
-        raw = self.raw
-        if raw is not None and (last or (len(data) <= SOON_MAX and raw.send_soon(data))):
+        raw = self.stream
+        if last or (len(data) <= SOON_MAX and raw.send_soon(data)):
             self.exchange.response_started = True
             self.state.stats.bytes_out += len(data)
             if last:
@@ -434,13 +399,11 @@ class HTTPConnection(H1Core):
         self.count(status, self.state.stats.bytes_out - before)
 
     async def answer_late(self, status: int, detail: str) -> None:
-        """An error answer after the connection's scope has ended, in a scope of its own
-        that the sweeper can cancel too: a client that does not read gets send_timeout."""
-        self.scope = trio.CancelScope()
-        if self.raw is not None:
-            self.raw.resume()
-        with self.scope:
-            await self._reject(status, detail)
+        """An error answer after a deadline interrupted the stream (or a protocol error
+        ended the loop): the stream's waits are resumed, and a send that stalls gets the
+        send timeout like any (a client that does not read is reset)."""
+        self.stream.resume()
+        await self._reject(status, detail)
 
     async def _answer_expired(self) -> bool:
         """The request's head or body did not come in time: 408, unless a response has
