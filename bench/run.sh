@@ -6,10 +6,14 @@
 #   bash bench/run.sh                      # DURATION=10 ROUNDS=1
 #   DURATION=10 ROUNDS=6 bash bench/run.sh # the DESIGN.md methodology (medians of 6)
 #   DURATION=2 SERVERS="trioherd bare" MODES="ka2" bash bench/run.sh
+#   SERVERS="trioherd uvicorn-httptools granian" MODES="tls-ka2 tls-close2 tls-pinned1" \
+#       DURATION=6 ROUNDS=3 bash bench/run.sh     # over TLS (issue 25)
 #
 # Environment: DURATION (s per wrk run, 1..600), ROUNDS (1..50), SERVERS (subset of
 # "trioherd trioherd-h11 trioherd-shared trioherd-nobatch hypercorn uvicorn bare granian
-# uvicorn-httptools gunicorn-asgi gunicorn24-asgi"), MODES (subset of "ka2 close2 pinned1"),
+# uvicorn-httptools gunicorn-asgi gunicorn24-asgi"), MODES (subset of "ka2 close2 pinned1
+# tls-ka2 tls-close2 tls-pinned1": the tls- modes are the same over https, with a trustme
+# certificate made for the run; bare trio+h11 has no TLS and sits them out),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
 # WSGI (issue 27): MODES wsgi2 (Flask hello) and wsgiblock (a Flask view sleeping 10 ms)
@@ -45,7 +49,7 @@ for s in $SERVERS; do
         || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
-    [[ $m =~ ^(ka2|close2|pinned1|wsgi2|wsgiblock)$ ]] || die "unknown mode in MODES: $m"
+    [[ $m =~ ^((tls-)?(ka2|close2|pinned1)|wsgi2|wsgiblock)$ ]] || die "unknown mode in MODES: $m"
 done
 mkdir -p "$LOGDIR"
 RAW="$LOGDIR/runs.tsv"
@@ -251,6 +255,36 @@ setup_venv() {
     fi
 }
 
+# A trustme CA and a certificate for 127.0.0.1 signed by it, for the tls- modes: ca.pem,
+# cert.pem, key.pem (PKCS#8, which granian needs) in $TLS_DIR.
+TLS_DIR=""
+setup_tls() {
+    [[ " $MODES " == *" tls-"* ]] || return 0
+    if ! "$PY" -c "import trustme" 2>/dev/null; then
+        log "pip install trustme (certificates for the tls- modes)"
+        "$PY" -m pip install -q trustme >"$LOGDIR/pip-trustme.log" 2>&1 \
+            || die "could not install trustme (see $LOGDIR/pip-trustme.log)"
+    fi
+    TLS_DIR="$LOGDIR/tls"
+    mkdir -p "$TLS_DIR"
+    "$PY" - "$TLS_DIR" <<'PY' || die "could not make the TLS certificates"
+import sys
+from pathlib import Path
+
+import trustme
+from cryptography.hazmat.primitives import serialization
+
+directory = Path(sys.argv[1])
+ca = trustme.CA()
+cert = ca.issue_cert("127.0.0.1", "localhost")
+ca.cert_pem.write_to_path(directory / "ca.pem")
+(directory / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
+(directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+    serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+PY
+}
+
 # ---------------------------------------------------------------- one measurement
 
 declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
@@ -263,9 +297,17 @@ declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
     [granian]="granian (Rust)" [uvicorn-httptools]="uvicorn --http httptools, uvloop (+TCP_NODELAY)"
     [gunicorn-gthread]="gunicorn -k gthread" [granian-wsgi]="granian --interface wsgi (Rust)")
 
-# Sets CMD to the command line of server NAME with WORKERS workers on PORT.
+# Sets CMD to the command line of server NAME with WORKERS workers on PORT; over TLS
+# (TLS=1) with the certificate in $TLS_DIR.
 server_cmd() {
-    local name=$1 workers=$2 port=$3
+    local name=$1 workers=$2 port=$3 tls=()
+    if [[ $TLS == 1 ]]; then
+        case $name in
+            uvicorn*) tls=(--ssl-certfile "$TLS_DIR/cert.pem" --ssl-keyfile "$TLS_DIR/key.pem") ;;
+            granian) tls=(--ssl-certificate "$TLS_DIR/cert.pem" --ssl-keyfile "$TLS_DIR/key.pem") ;;
+            *) tls=(--certfile "$TLS_DIR/cert.pem" --keyfile "$TLS_DIR/key.pem") ;;
+        esac
+    fi
     case $name in
         trioherd*)  # trioherd, and its variants with one option more
             local extra=()
@@ -307,6 +349,7 @@ server_cmd() {
                                 --port "$port" --no-access-log --log-level warning
                                 bench.hello_app:app) ;;
     esac
+    CMD+=("${tls[@]}")
 }
 
 # record ROUND MODE SERVER STATUS RPS P99MS RSSMB CPU READY ERRORS EXIT NOTE CPU_US_PER_REQUEST
@@ -317,8 +360,12 @@ record() {
 
 run_one() {
     local round=$1 mode=$2 server=$3
-    local workers=2 pin_server=() pin_wrk=() wrk_extra=()
-    case $mode in
+    local workers=2 pin_server=() pin_wrk=() wrk_extra=() scheme=http curl_tls=()
+    TLS=0
+    if [[ $mode == tls-* ]]; then
+        TLS=1; scheme=https; curl_tls=(--cacert "$TLS_DIR/ca.pem")
+    fi
+    case ${mode#tls-} in
         ka2) ;;
         close2) wrk_extra=(-H "Connection: close") ;;
         pinned1) workers=1; pin_server=(taskset -c 0); pin_wrk=(taskset -c 1) ;;
@@ -340,10 +387,14 @@ run_one() {
         record "$round" "$mode" "$server" skipped "" "" "" "" "" "" "" "not installed"
         return 0
     fi
+    if [[ $TLS == 1 && $server == bare ]]; then
+        record "$round" "$mode" "$server" skipped "" "" "" "" "" "" "" "no TLS"
+        return 0
+    fi
     local port
     port=$(free_port)
     server_cmd "$server" "$workers" "$port"
-    log "round $round, $mode, ${SERVER_LABELS[$server]} on 127.0.0.1:$port"
+    log "round $round, $mode, ${SERVER_LABELS[$server]} on $scheme://127.0.0.1:$port"
 
     local t0 pid
     t0=$(now_ns)
@@ -357,7 +408,7 @@ run_one() {
     local i body="" ready=0 reason=""
     for ((i = 0; i < START_TIMEOUT * 20; i++)); do
         if ! alive "$pid"; then reason="exited before answering"; break; fi
-        if body=$(curl -s --max-time 1 "http://127.0.0.1:$port/" 2>/dev/null); then
+        if body=$(curl -s --max-time 1 "${curl_tls[@]}" "$scheme://127.0.0.1:$port/" 2>/dev/null); then
             ready=1; break
         fi
         (( $(now_ns) - t0 >= START_TIMEOUT * 1000000000 )) && break
@@ -388,7 +439,7 @@ run_one() {
     t0_tree=$(tree_cpu_ticks "$pid")
     w0=$(now_ns)
     timeout $((DURATION + 30)) "${pin_wrk[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
-        --latency "${wrk_extra[@]}" "http://127.0.0.1:$port/" >"$wlog" 2>&1 &
+        --latency "${wrk_extra[@]}" "$scheme://127.0.0.1:$port/" >"$wlog" 2>&1 &
     CURRENT_WRK=$!
     sleep "$(awk -v d="$DURATION" 'BEGIN { print d / 2 }')"
     rss_mid=$(tree_rss_kb "$pid")
@@ -448,9 +499,11 @@ run_one() {
 
 ensure_wrk
 setup_venv
-if [[ " $MODES " == *" pinned1 "* ]] && (( $(nproc) < 2 )); then
-    log "only $(nproc) CPU: skipping the pinned mode (needs CPUs 0 and 1)"
-    SKIPPED_NOTES+=("pinned1: needs 2 CPUs, skipped")
+setup_tls
+if [[ " $MODES " == *"pinned1 "* ]] && (( $(nproc) < 2 )); then
+    log "only $(nproc) CPU: skipping the pinned modes (need CPUs 0 and 1)"
+    SKIPPED_NOTES+=("pinned1, tls-pinned1: need 2 CPUs, skipped")
+    MODES=${MODES//tls-pinned1/}
     MODES=${MODES//pinned1/}
 fi
 read -r -a server_list <<<"$SERVERS"
@@ -520,6 +573,8 @@ mode_labels = {
     "wsgi2": "WSGI: Flask hello, 2 workers, keep-alive",
     "wsgiblock": "WSGI: Flask view blocking 10 ms, 2 workers, keep-alive",
 }
+for _mode, _label in list(mode_labels.items()):
+    mode_labels["tls-" + _mode] = "HTTPS: " + _label
 fields = ["round", "mode", "server", "status", "rps", "p99", "rss", "cpu", "ready", "errors",
           "exit", "note", "cpureq"]
 runs = []
@@ -540,7 +595,7 @@ def cell_status(server, mode):
     rs = [r for r in runs if r["server"] == server and r["mode"] == mode]
     ok = sum(r["status"] == "ok" for r in rs)
     if any(r["status"] == "skipped" for r in rs):
-        return "skipped (not installed)"
+        return f"skipped ({rs[0]['note'] or 'not installed'})"
     if ok == 0:
         reasons = sorted({r["note"] for r in rs if r["status"] == "failed"})
         return "FAILED: " + "; ".join(reasons)[:80]
@@ -562,11 +617,12 @@ for note in skipped_notes:
     if note:
         lines.append(f"- {note}")
 lines.append("")
-lines.append("| server | mode | req/s | p99 | RSS MB | server CPU µs/request | vs uvicorn h11 | vs bare trio+h11 | ok runs |")
-lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+lines.append("| server | mode | req/s | p99 | RSS MB | server CPU µs/request | vs uvicorn h11 | vs bare trio+h11 | vs uvicorn httptools | ok runs |")
+lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for mode in modes:
     ref_u = med("uvicorn", mode, "rps")
     ref_b = med("bare", mode, "rps")
+    ref_x = med("uvicorn-httptools", mode, "rps")
     for server in servers:
         status = cell_status(server, mode)
         rs = [r for r in runs if r["server"] == server and r["mode"] == mode]
@@ -574,7 +630,7 @@ for mode in modes:
             continue
         ok = sum(r["status"] == "ok" for r in rs)
         if status:
-            lines.append(f"| {labels[server]} | {mode_labels[mode]} | {status} | | | | | | {ok}/{len(rs)} |")
+            lines.append(f"| {labels[server]} | {mode_labels[mode]} | {status} | | | | | | | {ok}/{len(rs)} |")
             continue
         rps = med(server, mode, "rps")
         p99 = med(server, mode, "p99")
@@ -583,8 +639,9 @@ for mode in modes:
         cpu_cell = f"{cpureq:.1f}" if cpureq is not None else ""
         ru = f"{rps / ref_u:.2f}x" if ref_u else "n/a"
         rb = f"{rps / ref_b:.2f}x" if ref_b else "n/a"
+        rx = f"{rps / ref_x:.2f}x" if ref_x else "n/a"
         lines.append(f"| {labels[server]} | {mode_labels[mode]} | {rps:,.0f} | {p99:.2f} ms | "
-                     f"{rss:.1f} | {cpu_cell} | {ru} | {rb} | {ok}/{len(rs)} |")
+                     f"{rss:.1f} | {cpu_cell} | {ru} | {rb} | {rx} | {ok}/{len(rs)} |")
 lines.append("")
 
 cpu = med("trioherd", "ka2", "cpu")
@@ -620,12 +677,29 @@ checks = [
      ratio("wsgiblock", "gunicorn-gthread"), 1.0),
     ("WSGI Flask 10 ms view vs granian --interface wsgi",
      ratio("wsgiblock", "granian-wsgi"), 0.0),
+    # issue 25: TLS (granian's ratios are published, not targets)
+    ("HTTPS 2 workers keep-alive >= 1.2x uvicorn+httptools",
+     ratio("tls-ka2", "uvicorn-httptools"), 1.2),
+    ("HTTPS 2 workers keep-alive vs granian", ratio("tls-ka2", "granian"), 0.0),
+    ("HTTPS 2 workers new connection >= 1.0x uvicorn+httptools",
+     ratio("tls-close2", "uvicorn-httptools"), 1.0),
+    ("HTTPS 2 workers new connection vs granian", ratio("tls-close2", "granian"), 0.0),
+    ("HTTPS per core keep-alive >= 1.2x uvicorn+httptools",
+     ratio("tls-pinned1", "uvicorn-httptools"), 1.2),
+    ("HTTPS per core keep-alive vs granian", ratio("tls-pinned1", "granian"), 0.0),
 ]
 target_lines = []
 for name, value, goal in checks:
     if value is not None:
         verdict = "published" if not goal else "met" if value >= goal else "NOT met"
         target_lines.append(f"| {name} | {value:.2f}x | {verdict} |")
+# issue 25: the server's CPU per HTTPS request at most uvicorn+httptools'
+for mode in ("tls-pinned1", "tls-close2"):
+    ours, theirs = med("trioherd", mode, "cpureq"), med("uvicorn-httptools", mode, "cpureq")
+    if ours is not None and theirs is not None:
+        target_lines.append(f"| {mode_labels[mode]}: server CPU per request <= uvicorn+httptools' "
+                            f"({theirs:.1f} µs) | {ours:.1f} µs | "
+                            f"{'met' if ours <= theirs else 'NOT met'} |")
 if cpu is not None:
     target_lines.append(f"| primary CPU < 2 % (2 workers, keep-alive) | {cpu:.2f} % | "
                         f"{'met' if cpu < 2 else 'NOT met'} |")
