@@ -39,32 +39,21 @@ class InputStream:
         return chunk
 
     def read(self, size: int | None = -1) -> bytes:
-        limit = -1 if size is None or size < 0 else size
-        parts = []
-        have = 0
-        data, pos = self._data, self._pos
-        while True:
-            stop = len(data) if limit < 0 else min(len(data), pos + limit - have)
-            if stop > pos:
-                parts.append(data[pos:stop])
-                have += stop - pos
-            if 0 <= limit <= have:
-                self._data, self._pos = data, stop
-                break
-            data, pos = self._fetch(), 0
-            if not data:
-                self._data, self._pos = b"", 0
-                break
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return self._take(size, line=False)
 
     def readline(self, size: int | None = -1) -> bytes:
+        return self._take(size, line=True)
+
+    def _take(self, size: int | None, line: bool) -> bytes:
+        """Up to ``size`` bytes (all, if None or negative), and with ``line`` no further
+        than the first newline (included)."""
         limit = -1 if size is None or size < 0 else size
         parts = []
         have = 0
         data, pos = self._data, self._pos
         while True:
             stop = len(data) if limit < 0 else min(len(data), pos + limit - have)
-            newline = data.find(b"\n", pos, stop)
+            newline = data.find(b"\n", pos, stop) if line else -1
             if newline >= 0:
                 stop = newline + 1
             if stop > pos:
