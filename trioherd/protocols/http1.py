@@ -356,20 +356,15 @@ class HTTPConnection(H1Core):
 
     # -- responses -------------------------------------------------------------------------
 
-    # Whether the response must be the connection's last (H1Core.closes_after_response) is
-    # written out in both methods below: this is the hot path, and a call costs more than
-    # the test.
-
     def head(self, status: int, headers: Fields, length: int | None) -> bytes:
         """The response head (see ResponseFraming.head); the body follows through
         ``framing.body`` and ``framing.end``."""
-        close = self.state.draining or (
-            not self.exchange.bodyless and self.conn.they_are_waiting_for_100_continue
-        )
-        return self.framing.head(status, headers, length, close)
+        return self.framing.head(status, headers, length, self.closes_after_response())
 
     async def send_complete(self, status: int, headers: Sequence[Any], body: bytes) -> None:
         """A response whose body is known: head and body in one send_all."""
+        # H1Core.closes_after_response, written out: the hot path, where a call costs
+        # more than the test
         close = self.state.draining or (
             not self.exchange.bodyless and self.conn.they_are_waiting_for_100_continue
         )
