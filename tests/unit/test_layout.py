@@ -180,9 +180,11 @@ def test_the_package_has_its_rooms_and_the_worker_side_never_imports_the_primary
     assert wrong == []
 
 
-# the protocol cores: what an asyncio runtime would reuse as it is
+# the protocol cores: what every runtime (Trio, asyncio) reuses as it is
 CORES = (
     "protocols.h1core",
+    "protocols.h1driver",
+    "protocols.sockinfo",
     "protocols.shared",
     "protocols.framing",
     "protocols.ws_session",

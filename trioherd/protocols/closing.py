@@ -5,15 +5,10 @@ kernel still holds for the client. No protocol here: only the stream and its soc
 
 from __future__ import annotations
 
-import fcntl
-import socket
-import struct
-import termios
-from typing import Any
-
 import trio
 
 from .rawstream import RECEIVE_SIZE, RawSocketStream
+from .sockinfo import queued_bytes, reset_on_close, unread_bytes
 from .tlsstream import TLSSocketStream
 
 LINGER_SECONDS = 1.0
@@ -22,7 +17,8 @@ STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 """What a trio stream raises once the client or our own close has ended it."""
 CLOSE_ERRORS = (OSError, trio.BusyResourceError, *STREAM_ERRORS)
 """What closing a stream may meet and need not report."""
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+__all__ = ["close_stream", "queued_bytes", "reset_on_close", "unread_bytes"]
 
 
 async def close_stream(stream: trio.abc.Stream, linger: bool, reset: bool) -> None:
@@ -81,37 +77,3 @@ async def close_tls(stream: TLSSocketStream, linger: bool) -> None:
     if linger:
         await drain_client(stream.transport_stream)
     stream.close()
-
-
-def socket_of(stream: trio.abc.Stream) -> Any:
-    """The socket under ``stream`` (a stdlib or trio one), or None."""
-    return getattr(getattr(stream, "transport_stream", stream), "socket", None)
-
-
-def queued_bytes(stream: trio.abc.Stream) -> int:
-    """Bytes the kernel holds for the client (SIOCOUTQ: not sent, or not acknowledged
-    yet); -1 if that cannot be known."""
-    try:
-        found = fcntl.ioctl(socket_of(stream).fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (AttributeError, OSError, ValueError):
-        return -1
-    return int(struct.unpack("i", found)[0])
-
-
-def unread_bytes(stream: trio.abc.Stream) -> int:
-    """Bytes from the client the kernel holds that nobody has read yet (FIONREAD); 0 if
-    that cannot be known."""
-    try:
-        found = fcntl.ioctl(socket_of(stream).fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (AttributeError, OSError, ValueError):
-        return 0
-    return int(struct.unpack("i", found)[0])
-
-
-def reset_on_close(stream: trio.abc.Stream) -> None:
-    """Make closing ``stream`` send a reset: the kernel drops what the client did not
-    take, instead of holding it (and the connection) for a client that does not read."""
-    try:
-        socket_of(stream).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    except (AttributeError, OSError):
-        pass

@@ -50,20 +50,15 @@ import errno
 import select
 import socket
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-RECEIVE_SIZE = 65536
+from .shared import RECEIVE_SIZE, SendWatch
+
+__all__ = ["RECEIVE_SIZE", "EdgeWaiter", "RawSocketStream", "SendWatch"]
+
 _CLOSED_ERRNOS = (errno.EBADF, errno.ENOTSOCK)
-
-
-class SendWatch(Protocol):
-    """Told when a send has to wait for the client to take data, and when it is done."""
-
-    def send_stalled(self) -> None: ...
-
-    def send_resumed(self) -> None: ...
 
 
 class EdgeWaiter:

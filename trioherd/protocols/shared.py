@@ -36,6 +36,17 @@ class Phase(enum.Enum):
 
 IDLE, HEAD, BODY, APP, SEND = Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.APP, Phase.SEND
 
+RECEIVE_SIZE = 65536
+"""The most one read of a connection asks for."""
+
+
+class SendWatch(Protocol):
+    """Told when a send has to wait for the client to take data, and when it is done."""
+
+    def send_stalled(self) -> None: ...
+
+    def send_resumed(self) -> None: ...
+
 
 class Watched(Protocol):
     """A connection as the sweeper sees it (``protocols.http1.HTTPConnection``)."""
@@ -165,3 +176,12 @@ class Shared(Protocol):
     now: Callable[[], float]
 
     def idle_wait(self) -> float: ...
+
+
+class Host(Shared, Protocol):
+    """The worker's state as a connection driver uses it (``protocols.h1driver``): a
+    :class:`Shared` that also knows its open connections and counts the ones it cuts."""
+
+    connections: set[Any]
+
+    def cut(self, reason: str, client: Any) -> None: ...
