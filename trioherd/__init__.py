@@ -20,8 +20,8 @@ from .apps.loading import Headers as Headers
 from .apps.loading import Request as Request
 from .apps.loading import Response as Response
 from .apps.loading import stream_handler as stream_handler
-from .worker.main import WorkerInfo as WorkerInfo
-from .worker.main import current_worker as current_worker
+from .worker.base import WorkerInfo as WorkerInfo
+from .worker.base import current_worker as current_worker
 from .worker.main import receive_from_primary as receive_from_primary
 from .worker.main import send_to_primary as send_to_primary
 

@@ -26,6 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 WS_MODES = ("auto", "wsproto", "none")
 HTTP_PARSERS = ("auto", "h11", "httptools")
+LOOPS = ("auto", "asyncio", "uvloop")
 DEFAULT_BIND = "127.0.0.1:8000"
 DEFAULT_THREADS = 32  # see docs/wsgi.md, "Threads": measured with blocking Flask views
 KINDS = ("int", "float", "str", "bool", "list", "intlist", "choice")
@@ -224,8 +225,17 @@ class AppOptions:
         default=False,
         metadata=option(
             "bool",
-            "run an asyncio-only ASGI app (Django, Quart, asyncpg) in an asyncio loop "
-            "hosted by Trio (needs trioherd[asyncio])",
+            "serve an asyncio ASGI app (Django, Quart, FastAPI on asyncpg) in workers whose "
+            "event loop is asyncio's own (the asyncio runtime; see --loop)",
+        ),
+    )
+    loop: str = attrs.field(
+        default="auto",
+        metadata=option(
+            "choice",
+            "the event loop of --asyncio workers: uvloop (trioherd[asyncio]), asyncio's "
+            "own, or auto: uvloop when installed",
+            choices=LOOPS,
         ),
     )
     reload: bool = attrs.field(

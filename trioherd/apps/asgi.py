@@ -11,11 +11,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
-import trio
-
 from ..protocols.framing import as_fields
 from ..protocols.h1core import ClientGone, Exchange
-from ..protocols.http1 import BodyReader, HTTPConnection
+from ..protocols.h1driver import BodyReader, H1Driver
 
 ASGIApp = Callable[..., Awaitable[None]]
 Message = dict[str, Any]
@@ -38,19 +36,26 @@ class ASGIAdapter:
     """Serves an ASGI 3 app; one per worker (see ``protocols.http1.Adapter``).
 
     ``lifespan_state`` is the dict lifespan startup filled; each request's scope gets a
-    shallow copy of it, as the spec asks.
+    shallow copy of it, as the spec asks. ``websockets``: an upgrade to a WebSocket is
+    served (``apps.websocket``, on the Trio runtime); without it, such a request is an
+    ``http`` request like any.
     """
 
-    __slots__ = ("app", "lifespan_state")
+    __slots__ = ("app", "lifespan_state", "websockets")
 
-    def __init__(self, app: ASGIApp, lifespan_state: dict[str, Any]) -> None:
+    def __init__(
+        self, app: ASGIApp, lifespan_state: dict[str, Any], websockets: bool = True
+    ) -> None:
         self.app = app
         self.lifespan_state = lifespan_state
+        self.websockets = websockets
 
-    async def __call__(self, http: HTTPConnection, request: Exchange) -> int:
-        if request.upgrade:  # maybe a WebSocket: a "websocket" scope (loaded only then)
+    async def __call__(self, http: H1Driver, request: Exchange) -> int:
+        if request.upgrade and self.websockets:  # a "websocket" scope (loaded only then)
+            from ..protocols.http1 import HTTPConnection
             from .websocket import serve_asgi
 
+            assert isinstance(http, HTTPConnection)
             status = await serve_asgi(self, http, request)
             if status:
                 return status
@@ -66,7 +71,7 @@ class ASGIAdapter:
             raise ClientGone()  # the app stopped mid-body: the response is incomplete
         return exchange.status
 
-    def http_scope(self, http: HTTPConnection, request: Exchange) -> dict[str, Any]:
+    def http_scope(self, http: H1Driver, request: Exchange) -> dict[str, Any]:
         target = request.target
         parts = _TARGETS.get(target)
         if parts is None:
@@ -105,11 +110,11 @@ class ASGIExchange:
 
     __slots__ = ("_ended", "complete", "head_sent", "http", "pending_head", "reader", "status")
 
-    def __init__(self, http: HTTPConnection) -> None:
+    def __init__(self, http: H1Driver) -> None:
         self.http = http
         self.reader: BodyReader | None = None  # made by the first receive
         self.complete = False  # the response is complete (or the app has returned)
-        self._ended: trio.Event | None = None  # made only for a receive that waits for it
+        self._ended: Any = None  # the runtime's event, made for a receive that waits for it
         self.status = 0
         self.pending_head: tuple[Any, ...] | None = None  # from http.response.start
         self.head_sent = False
@@ -122,10 +127,10 @@ class ASGIExchange:
             chunk = await reader.next_chunk()
             return {"type": "http.request", "body": chunk, "more_body": not reader.done}
         if self.complete:
-            await trio.lowlevel.checkpoint()
+            await self.http.checkpoint()
         else:
             if self._ended is None:
-                self._ended = trio.Event()
+                self._ended = self.http.event()
             await self._ended.wait()
         return {"type": "http.disconnect"}
 

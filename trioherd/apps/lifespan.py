@@ -3,34 +3,47 @@
 An app that raises before it ever calls ``receive()`` does not speak lifespan (allowed by
 the spec); an app that reports ``lifespan.startup.failed`` or raises during startup fails
 the boot, with its message as the worker's boot error.
+
+It runs on any event loop: the runtime gives it the kind of event to wait on (Trio's by
+default, ``asyncio.Event`` in the asyncio runtime) and something to start the app's
+task with (a nursery, or anything with ``start_soon``).
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable
 from typing import Any
-
-import trio
 
 log = logging.getLogger("trioherd.worker")
 
 
 class Lifespan:
-    def __init__(self, app: Any, state: dict[str, Any]) -> None:
+    def __init__(
+        self, app: Any, state: dict[str, Any], event: Callable[[], Any] | None = None
+    ) -> None:
+        if event is None:
+            import trio
+
+            event = trio.Event
         self.app = app
         self.state = state
-        self._to_app_send, self._to_app_receive = trio.open_memory_channel[dict[str, Any]](2)
-        self._from_app = trio.Event()
+        self._event = event
+        self._asked = event()  # set when a message for the app is waiting in _message
+        self._message: dict[str, Any] = {}
+        self._from_app = event()
         self._reply: dict[str, Any] | None = None
-        self._done = trio.Event()
+        self._done = event()
         self._error: str | None = None
         self._receive_called = False
         self.supported = True
 
     async def _receive(self) -> dict[str, Any]:
         self._receive_called = True
-        return await self._to_app_receive.receive()
+        await self._asked.wait()
+        self._asked = self._event()
+        return self._message
 
     async def _send(self, message: dict[str, Any]) -> None:
         self._reply = message
@@ -55,13 +68,14 @@ class Lifespan:
             self._from_app.set()
 
     async def _exchange(self, kind: str) -> dict[str, Any] | None:
-        self._from_app = trio.Event()
+        self._from_app = self._event()
         self._reply = None
-        await self._to_app_send.send({"type": kind})
+        self._message = {"type": kind}
+        self._asked.set()
         await self._from_app.wait()
         return self._reply
 
-    async def startup(self, nursery: trio.Nursery) -> str | None:
+    async def startup(self, nursery: Any) -> str | None:
         """Run startup; the error text if it failed, else None."""
         nursery.start_soon(self._run)
         reply = await self._exchange("lifespan.startup")

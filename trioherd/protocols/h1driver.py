@@ -5,8 +5,9 @@ forwarded headers, keep-alive, deadlines as numbers, one Exchange per request);
 :class:`H1Driver` drives it over a :class:`Link` (the connection's stream: reads, writes,
 an interrupt for a deadline), runs the app through an adapter, and turns errors into
 answers. It awaits only its link's methods, so it runs on any event loop: a runtime gives
-it a link and three hooks (:attr:`H1Driver.STREAM_ERRORS`, :meth:`H1Driver.yield_turn`,
-:meth:`H1Driver.close`). ``protocols.http1.HTTPConnection`` is the Trio runtime's
+it a link and its hooks (:attr:`H1Driver.STREAM_ERRORS`, :meth:`H1Driver.yield_turn`,
+:meth:`H1Driver.close`, and for adapters :meth:`H1Driver.checkpoint` and
+:meth:`H1Driver.event`). ``protocols.http1.HTTPConnection`` is the Trio runtime's
 connection, ``aio.connection.AioConnection`` asyncio's. ``protocols.framing`` turns a
 response into bytes (sans I/O). An adapter (``apps.native``, ``apps.asgi``), chosen once per
 worker, runs the app for one request and writes its response through
@@ -157,7 +158,7 @@ class Adapter(Protocol):
 class H1Driver(H1Core):
     """Serves the requests of one connection until it closes: the reads, writes and
     errors around the protocol core (:class:`~.h1core.H1Core`), over its :class:`Link`.
-    A runtime's connection class gives the three hooks (see the module docstring).
+    A runtime's connection class gives the hooks (see the module docstring).
 
     Responses are framed by ResponseFraming, directly as bytes, with the framing HTTP/1.1
     asks for: that skips most of h11's per-event bookkeeping, which costs more than the
@@ -219,6 +220,15 @@ class H1Driver(H1Core):
 
     async def close(self, linger: bool, reset: bool) -> None:
         """End the connection (see ``protocols.closing.close_stream``)."""
+        raise NotImplementedError
+
+    async def checkpoint(self) -> None:
+        """A point where the task may be cancelled, and others run (for an adapter)."""
+        raise NotImplementedError
+
+    def event(self) -> Any:
+        """A new event of the runtime (``set``, ``is_set``, ``await wait()``), for an
+        adapter that waits for something another task does."""
         raise NotImplementedError
 
     # -- I/O helpers -------------------------------------------------------------------

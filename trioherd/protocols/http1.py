@@ -1,9 +1,9 @@
 """HTTP/1.1 in the Trio worker: the driver of ``protocols.h1driver`` on Trio's streams.
 
 :class:`HTTPConnection` is :class:`~.h1driver.H1Driver` over a raw non-blocking socket
-(``protocols.rawstream``), plain or under TLS (``protocols.tlsstream``), with Trio's three
-hooks: the errors a Trio stream raises once it has ended, a turn for the other tasks
-before a pipelined request, and the close (``protocols.closing``). Everything else a
+(``protocols.rawstream``), plain or under TLS (``protocols.tlsstream``), with Trio's hooks:
+the errors a Trio stream raises once it has ended, a turn for the other tasks before a
+pipelined request, the close (``protocols.closing``), a checkpoint and an event. Everything else a
 connection does (the requests, the limits, the deadlines, the answers) is the driver's,
 the same on every runtime.
 """
@@ -45,3 +45,9 @@ class HTTPConnection(H1Driver):
 
     async def close(self, linger: bool, reset: bool) -> None:
         await close_stream(self.stream, linger, reset)
+
+    async def checkpoint(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def event(self) -> trio.Event:
+        return trio.Event()

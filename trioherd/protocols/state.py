@@ -67,7 +67,7 @@ class ServerState:
         """From now on responses carry ``Connection: close``; idle connections get the
         short drain grace for a request that may already be on its way, then close."""
         self.draining = True
-        deadline = trio.current_time() + self.drain_grace
+        deadline = self.now() + self.drain_grace
         for connection in self.connections:
             if connection.phase == IDLE:
                 connection.deadline = min(connection.deadline, deadline)
@@ -84,18 +84,21 @@ class ServerState:
         self.now = trio.lowlevel.current_clock().current_time
         while True:
             await trio.sleep(self.sweep_interval)
-            now = self.now()
-            connections = self.connections
-            for connection in connections:
-                if connection.phase == SEND:
-                    connection.check_send(now)
-                if connection.deadline <= now:
-                    connection.expire()
-            if len(connections) >= self.shed_at and not self.draining:
-                self.shed()
-            if self.stats.cuts.unlogged:
-                for reason, line in self.stats.cuts.due(now):
-                    log.log(_CUT_LEVELS.get(reason, logging.INFO), "%s", line)
+            self.sweep_once(self.now())
+
+    def sweep_once(self, now: float) -> None:
+        """One pass of the sweeper (any runtime's: see ``aio.state``)."""
+        connections = self.connections
+        for connection in connections:
+            if connection.phase == SEND:
+                connection.check_send(now)
+            if connection.deadline <= now:
+                connection.expire()
+        if len(connections) >= self.shed_at and not self.draining:
+            self.shed()
+        if self.stats.cuts.unlogged:
+            for reason, line in self.stats.cuts.due(now):
+                log.log(_CUT_LEVELS.get(reason, logging.INFO), "%s", line)
 
     def shed(self) -> int:
         """Close idle keep-alive connections (waiting for their next request, after at

@@ -1,87 +1,31 @@
-"""``--asyncio``: asyncio-only ASGI apps (Django, Quart, anything on asyncpg or aiohttp) on
-the herd, through trio-asyncio.
+"""The hint for an asyncio app served without ``--asyncio``, and the check of ``--loop``.
 
-A worker with ``--asyncio`` opens one asyncio event loop hosted by its Trio run
-(``trio_asyncio.open_loop()``) for its whole life, and calls the app in it: every call of
-the app (each request, and lifespan) is an asyncio task of that loop
-(``aio_as_trio``), and the app's ``receive`` and ``send`` are the worker's Trio ones,
-callable from asyncio (``trio_as_aio``). So ``asyncio.get_running_loop()``,
-``asyncio.create_task``, asyncio futures and ``loop.run_in_executor`` work in the app, and
-the worker stays a Trio program.
-
-Without ``--asyncio``, such an app boots and then fails each request (``no running event
-loop``, ``trio.run received unrecognized yield message``). :class:`AsyncioHint`, a filter
-on the worker's log handler, notices the first such traceback and logs one line that
-names the flag.
+With ``--asyncio`` an app runs on the asyncio runtime (``aio.worker``). Without it, an
+asyncio-only app (Django's async views, Quart, anything awaiting asyncpg or aiohttp) boots
+on Trio and then fails each request (``no running event loop``, ``trio.run received
+unrecognized yield message``). :class:`AsyncioHint`, a filter on the worker's log handler,
+notices the first such traceback and logs one line that names the flag; a boot error
+that shows it gets the same line (:func:`with_hint`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from .._config import Config
 from .._errors import ConfigError
 
 log = logging.getLogger("trioherd.worker")
 
-ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-
 # what asyncio code says when it runs under Trio without a loop
 _SYMPTOMS = ("no running event loop", "no current event loop", "unrecognized yield message")
 
 
 def check(config: Config) -> None:
-    """Raise ConfigError (exit 2) if ``--asyncio`` is asked for without trio-asyncio."""
-    if config.asyncio and importlib.util.find_spec("trio_asyncio") is None:
-        raise ConfigError(
-            "asyncio", "needs the trio-asyncio package: pip install 'trioherd[asyncio]'"
-        )
-
-
-def loop(config: Config) -> contextlib.AbstractAsyncContextManager[Any]:
-    """The asyncio loop the worker's app runs in: for the worker's whole Trio run."""
-    if not config.asyncio:
-        return contextlib.nullcontext()
-    return _open_loop()
-
-
-@contextlib.asynccontextmanager
-async def _open_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
-    import trio_asyncio
-
-    async with trio_asyncio.open_loop() as aio_loop:
-        # trio-asyncio runs only its own TrioExecutor (or None) in run_in_executor; asgiref
-        # (Django's sync_to_async) passes a ThreadPoolExecutor of its own. Run any other
-        # executor as asyncio's own loop does: submit, and wrap its future.
-        own = aio_loop.run_in_executor
-
-        def run_in_executor(executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:
-            if executor is None or isinstance(executor, trio_asyncio.TrioExecutor):
-                return own(executor, func, *args)  # type: ignore[no-any-return]
-            return asyncio.wrap_future(executor.submit(func, *args), loop=aio_loop)
-
-        aio_loop.run_in_executor = run_in_executor
-        yield aio_loop
-
-
-def wrap(app: Any, interface: str) -> ASGIApp:
-    """The ASGI ``app`` as a Trio ASGI app whose calls run in the asyncio loop."""
-    if interface != "asgi":
-        raise ConfigError("asyncio", f"runs ASGI apps only (this app is a {interface} app)")
-    import trio_asyncio
-
-    in_asyncio = trio_asyncio.aio_as_trio(app)
-    as_aio = trio_asyncio.trio_as_aio
-
-    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await in_asyncio(scope, as_aio(receive), as_aio(send))
-
-    return asgi
+    """Raise ConfigError (exit 2) if ``--loop uvloop`` is asked for without uvloop."""
+    if config.asyncio and config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("loop", "uvloop is not installed: pip install 'trioherd[asyncio]'")
 
 
 def looks_asyncio_only(exc: BaseException | None) -> str | None:
@@ -118,11 +62,11 @@ def _first_sentence(text: str, limit: int = 200) -> str:
 
 
 NEED = "the app needs an asyncio event loop"
-WAY_OUT = "serve it with --asyncio (pip install 'trioherd[asyncio]')"
+WAY_OUT = "serve it with --asyncio"
 HINT = f"{NEED}: {WAY_OUT}"
 """Added to a boot error's text; a request's error gets one log line with the reason:
 ``the app needs an asyncio event loop (RuntimeError: no running event loop): serve it
-with --asyncio (pip install 'trioherd[asyncio]')`` (docs/operations.md shows it)."""
+with --asyncio`` (docs/operations.md shows it)."""
 
 
 def with_hint(text: str, config: Config) -> str:

@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
-import attrs
 import trio
 
 from .. import _ipc
@@ -44,9 +41,6 @@ from .._config import Config, http_parser
 from .._errors import ConfigError, IPCProtocolError
 from .._listeners import accept_fd
 from .._log import capture_output, setup_logging
-from .._policy import recycle_threshold
-from .._tally import Tally
-from ..apps import loading as _app
 from ..apps.asgi import ASGIAdapter
 from ..apps.native import NativeAdapter
 from ..protocols.http1 import Adapter, HTTPConnection
@@ -54,34 +48,30 @@ from ..protocols.proxyproto import ForgedHeader, ProxyGate, ProxyProtocolError
 from ..protocols.rawstream import EdgeWaiter, RawSocketStream
 from ..protocols.state import ServerState
 from . import aio as _aio
+from .base import (
+    EXIT_BOOT_ERROR,
+    WorkerBase,
+    WorkerInfo,
+    app_traceback,
+    boot_failed,
+    current_worker,
+    init_runtime,
+    ready_message,
+    set_parent_death_signal,
+    socket_addresses,
+)
+
+__all__ = ["EXIT_BOOT_ERROR", "WorkerInfo", "app_traceback", "current_worker", "main"]
 
 log = logging.getLogger("trioherd.worker")
 
-EXIT_BOOT_ERROR = 3
 PRIMARY_GONE_GRACE = 1.0
 
 Handler = Callable[[socket.socket], Awaitable[None]]
 """What each accepted socket is given to (see _make_handler)."""
 
 
-@attrs.frozen
-class WorkerInfo:
-    """Who this worker is: ``id`` is unique per spawn, ``slot`` is its place in the herd
-    (stable across respawns, like PM2's NODE_APP_INSTANCE)."""
-
-    id: int
-    slot: int
-    pid: int
-
-
 _current: Worker | None = None
-
-
-def current_worker() -> WorkerInfo | None:
-    """In a worker: its id, slot and pid. In the primary or a plain program: None."""
-    if _current is None:
-        return None
-    return _current.info
 
 
 async def send_to_primary(obj: Any) -> None:
@@ -101,19 +91,9 @@ async def receive_from_primary() -> Any:
     return await _current.inbox_receive.receive()
 
 
-def _set_parent_death_signal(expected_parent: int) -> None:
-    """Die with the primary, even when it is SIGKILLed (Linux). The primary spawns workers
-    from its main thread, whose death is what the kernel watches."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
-    if os.getppid() != expected_parent:  # died before prctl took effect
-        os._exit(1)
+class Worker(WorkerBase):
+    """A worker on Trio (``worker.base.WorkerBase`` with Trio's waits)."""
 
-
-class Worker:
     def __init__(
         self,
         channel: _ipc.Channel,
@@ -121,21 +101,9 @@ class Worker:
         init: dict[str, Any],
         fds: list[int],
     ) -> None:
+        super().__init__(init, fds)
         self.channel = channel
         self.conns = conns
-        self.config = Config.from_wire(init["config"])
-        self.info = WorkerInfo(id=init["id"], slot=init["slot"], pid=os.getpid())
-        self.state = ServerState(self.config, self.info.id)
-        tally_fd, *listener_fds = fds
-        try:
-            self.tally = Tally(tally_fd)
-        finally:
-            os.close(tally_fd)
-        self.listeners = [socket.socket(fileno=fd) for fd in listener_fds]
-        # the address family of each of the primary's listeners, by index
-        self.families: list[int] = list(init.get("families") or [socket.AF_INET])
-        for listener in self.listeners:
-            listener.setblocking(False)
         self.closed_event = trio.Event()  # the shared accept loop waits on it when full
         self.idle = trio.Event()
         self.idle.set()
@@ -145,40 +113,12 @@ class Worker:
         self.conns_done = trio.Event()  # the end marker came: no connection follows
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
         self.handler: Handler | None = None
-        self.ssl_context: Any = None
         self.conn_nursery: trio.Nursery | None = None
         self.early: list[tuple[bytes, list[int]]] = []
-        self.ticket_keys: object = init.get("tickets")  # hex: the herd's TLS ticket keys
-        # near and at this many requests the primary recycles us: tell it at once, not at
-        # the next heartbeat
-        self.request_limit = int(init.get("limit", 0))
         self.beat_now = trio.Event()
-        if self.request_limit:
-            self.state.on_request = self._check_limit
 
-    def _check_limit(self) -> None:
-        served = self.state.stats.requests
-        if served == recycle_threshold(self.request_limit):
-            self.beat_now.set()  # the primary starts our successor
-        if served == self.request_limit:
-            self.beat_now.set()  # the primary sends us no more connections
-            self.state.start_draining()  # and open ones get Connection: close
-
-    # -- boot ------------------------------------------------------------------------
-
-    def load(self) -> tuple[Any, str]:
-        spec = self.config.app or "trioherd._demo:app"
-        app = _app.load(spec)
-        interface = _app.detect_interface(app, self.config.interface)
-        if self.config.asyncio:  # an asyncio-only ASGI app, in a trio-asyncio loop
-            app = _aio.wrap(app, interface)
-        if self.config.tls:
-            from .._tls import server_context, share_ticket_keys
-
-            self.ssl_context = server_context(self.config)
-            if not self.config.ssl_context_factory:  # a factory's context is used as it is
-                share_ticket_keys(self.ssl_context, self.ticket_keys)
-        return app, interface
+    def beat_soon(self) -> None:
+        self.beat_now.set()
 
     # -- connections -------------------------------------------------------------------
 
@@ -207,19 +147,9 @@ class Worker:
             if self.open == 0:
                 self.idle.set()
 
-    @property
-    def open(self) -> int:
-        """Connections open now (the tally counts them, for the primary too)."""
-        return self.tally.open
-
     def connection_closed(self) -> None:
         self.tally.count_close()  # the primary reads it: no message
         self.closed_event.set()
-
-    def stats(self) -> dict[str, Any]:
-        stats = self.state.stats.snapshot()
-        stats["open"] = self.open
-        return stats
 
     async def heartbeat(self) -> None:
         interval = min(1.0, self.config.worker_timeout / 4)
@@ -270,29 +200,7 @@ class Worker:
     def take(self, batch: list[tuple[bytes, list[int]]]) -> bool:
         """Acknowledge a batch of connection packets (in the tally the primary reads),
         then start serving them. True if the end marker was among them."""
-        taken: list[tuple[int, int]] = []
-        last = 0
-        end = False
-        try:
-            for data, fds in batch:
-                try:
-                    listener, seq = _ipc.decode_conn(data)
-                except IPCProtocolError as exc:
-                    log.error("%s", exc)
-                    _ipc.close_fds(fds)
-                    continue
-                if listener == _ipc.END_OF_CONNS:
-                    end = True
-                    _ipc.close_fds(fds)
-                    continue
-                family = self.families[listener % len(self.families)]
-                taken.extend((fd, family) for fd in fds)
-                last = max(last, seq)
-            if last:  # before a byte is read: the primary keeps its copies until then
-                self.tally.taken = last
-        except BaseException:
-            _ipc.close_fds([fd for fd, _ in taken])
-            raise
+        taken, end = self.unpack(batch)
         for fd, family in taken:
             self.start_connection(fd, family)
         return end
@@ -401,32 +309,8 @@ class Worker:
             inner.cancel_scope.cancel()
 
 
-def app_traceback(exc: BaseException) -> str:
-    """The traceback of an app's error without trioherd's and importlib's frames above it."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        filename = tb.tb_frame.f_code.co_filename
-        if not (
-            filename.startswith(package)
-            or filename.startswith("<frozen")
-            or "importlib" in filename
-        ):
-            break
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
-
-
 def _boot_failed(channel: _ipc.Channel, text: str) -> NoReturn:
-    """Tell the primary why we cannot boot, and exit. The primary prints it (once, not once
-    per worker); only if it cannot be told is it written here."""
-    try:
-        channel.sock.setblocking(True)
-        channel.sock.send(_ipc.encode("boot_error", text=text[-60000:]))
-    except OSError:
-        sys.stderr.write(text if text.endswith("\n") else text + "\n")
-        sys.stderr.flush()
-    os._exit(EXIT_BOOT_ERROR)
+    boot_failed(channel.sock, text)
 
 
 async def _main(fd: int, conn_fd: int) -> None:
@@ -461,7 +345,7 @@ async def _main(fd: int, conn_fd: int) -> None:
     except BaseException as exc:
         _boot_failed(channel, _aio.with_hint(app_traceback(exc), config))
 
-    async with _aio.loop(config), trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
         lifespan = None
         if interface == "asgi":
             from ..apps.lifespan import Lifespan
@@ -473,7 +357,7 @@ async def _main(fd: int, conn_fd: int) -> None:
         worker.handler = _make_handler(worker, app, interface)
 
         async def ready() -> None:
-            await channel.send(_ready_message(interface))
+            await channel.send(ready_message(interface))
 
         async def shutdown() -> None:
             assert lifespan is not None
@@ -486,14 +370,6 @@ async def _main(fd: int, conn_fd: int) -> None:
         nursery.cancel_scope.cancel()
     channel.close()
     conns.close()
-
-
-def _ready_message(interface: str) -> bytes:
-    """The worker is ready. ``http``: its app's clients speak first (HTTP, or TLS and PROXY
-    before it), so the primary may let the kernel defer accepts (``--defer-accept``)."""
-    return _ipc.encode(
-        "ready", v=_ipc.PROTOCOL_VERSION, pid=os.getpid(), http=interface != "stream"
-    )
 
 
 def _make_handler(worker: Worker, app: Any, interface: str) -> Handler:
@@ -553,19 +429,6 @@ def _stream_handler(app: Any, ssl_context: Any, state: ServerState) -> Handler:
     return handle_stream
 
 
-def _socket_addresses(sock: socket.socket) -> tuple[Any, Any] | None:
-    """(client, server) addresses of a connection ((None, None) on a Unix socket); None if
-    the client has gone already."""
-    try:
-        client: Any = sock.getpeername()
-        server: Any = sock.getsockname()
-    except OSError:
-        return None
-    if isinstance(client, tuple):
-        return client[:2], server[:2]
-    return None, None  # a Unix socket has no client address
-
-
 def _proxy_gate(state: ServerState) -> ProxyGate | None:
     """With --proxy-protocol, the worker's judge of PROXY headers (a refusal is a cut,
     ``proxy_refused``); within --header-timeout a header must come, or the bytes that
@@ -583,7 +446,7 @@ def _proxy_gate(state: ServerState) -> ProxyGate | None:
 async def _addresses(sock: socket.socket, gate: ProxyGate | None) -> tuple[Any, Any] | None:
     """As :func:`_socket_addresses`, but with --proxy-protocol the client is the one the
     PROXY header of an allowed peer names. None: close it."""
-    found = _socket_addresses(sock)
+    found = socket_addresses(sock)
     if found is None or gate is None:
         return found
     client, server = found
@@ -631,7 +494,7 @@ def _plain_handler(
         if gate is not None:
             addresses = await _addresses(sock, gate)
         else:
-            addresses = _socket_addresses(sock)
+            addresses = socket_addresses(sock)
         if addresses is None:
             return
         # the primary's listeners have TCP_NODELAY: accepted sockets inherit it
@@ -647,6 +510,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--ppid", type=int, required=True)
     args = parser.parse_args(argv)
-    _set_parent_death_signal(args.ppid)
+    set_parent_death_signal(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the primary's to handle
-    trio.run(_main, args.fd, args.conn_fd)
+    run(args.fd, args.conn_fd)
+
+
+def run(fd: int, conn_fd: int) -> None:
+    """Run the worker whose channel ends are ``fd`` and ``conn_fd`` on the runtime its
+    init asks for: Trio, or asyncio's loop (``--asyncio``: ``aio.worker``)."""
+    if init_runtime(fd) == "asyncio":
+        from ..aio.worker import main as asyncio_main
+
+        asyncio_main(fd, conn_fd)
+        return
+    trio.run(_main, fd, conn_fd)
