@@ -261,11 +261,16 @@ SAMPLE_STATUS: dict[str, Any] = {
     "size": 3,
     "reloads": 2,
     "reloads_failed": 1,
+    "generation": 3,
+    "preload": True,
+    "molds": [{"generation": 3, "pid": 4244}],
     "workers": [
-        {"id": 5, "slot": 0, "pid": 4250, "state": "ready", "uptime": 187.4, "restarts": 1}
-        | {"connections": 2, "websockets": 0, "requests": 918, "rss": round(31.2 * 2**20)},
-        {"id": 2, "slot": 1, "pid": 4246, "state": "ready", "uptime": 340.9, "restarts": 0}
-        | {"connections": 3, "websockets": 1, "requests": 1022, "rss": round(30.8 * 2**20)},
+        {"id": 5, "slot": 0, "pid": 4250, "state": "ready", "generation": 3, "uptime": 187.4}
+        | {"restarts": 1, "connections": 2, "websockets": 0, "requests": 918}
+        | {"rss": round(31.2 * 2**20)},
+        {"id": 2, "slot": 1, "pid": 4246, "state": "ready", "generation": 3, "uptime": 340.9}
+        | {"restarts": 0, "connections": 3, "websockets": 1, "requests": 1022}
+        | {"rss": round(30.8 * 2**20)},
     ],
     "backoff": [{"slot": 2, "restarts": 4}],
 }

@@ -302,18 +302,31 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def _generation(status: dict[str, Any]) -> str:
+    """The header's generation of the code, and its molds (--preload)."""
+    if "generation" not in status:
+        return ""
+    generation = status["generation"]
+    molds = status.get("molds", [])
+    own = [mold["pid"] for mold in molds if mold["generation"] == generation]
+    more = f", {len(molds) - len(own)} retiring" if len(molds) > len(own) else ""
+    return f"  generation {generation}" + (f" (mold pid {own[0]}{more})" if own else "")
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The status table a person reads at a glance (like ``pm2 ls``)."""
     lines = [
         f"herd {status['name']!r}  pid {status['pid']}  {status['dispatch']}  "
         f"{' '.join(status['listeners'])}  reloads {status.get('reloads', 0)}"
         + (f" ({status['reloads_failed']} failed)" if status.get("reloads_failed") else "")
+        + _generation(status)
     ]
     header = (
         "id",
         "slot",
         "pid",
         "state",
+        "gen",
         "uptime",
         "restarts",
         "conns",
@@ -329,6 +342,7 @@ def format_status(status: dict[str, Any]) -> str:
                 str(worker.get("slot", "")),
                 str(worker["pid"]),
                 worker["state"],
+                str(worker.get("generation", "")),
                 _duration(worker["uptime"]),
                 str(worker["restarts"]),
                 str(worker["connections"]),
@@ -339,7 +353,8 @@ def format_status(status: dict[str, Any]) -> str:
         )
     for slot in status.get("backoff", []):
         dashes = ("-", "-", "-", "-")
-        rows.append(("-", str(slot["slot"]), "-", "backoff", "-", str(slot["restarts"]), *dashes))
+        restarts = str(slot["restarts"])
+        rows.append(("-", str(slot["slot"]), "-", "backoff", "-", "-", restarts, *dashes))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append(

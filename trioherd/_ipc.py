@@ -51,6 +51,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "boot_error": {"text": str},
     "beat": {"stats": dict},
     "draining": {},
+    # primary -> mold (--preload, worker.mold): its config, then one request per worker
+    "mold": {"v": int, "generation": int, "config": dict},
+    "fork": {"id": int},
+    # mold -> primary (besides "ready" and "boot_error", as a worker says them)
+    "forked": {"pid": int},
+    "exited": {"pid": int, "code": int},
 }
 
 # The shape of a heartbeat's ``stats``. Every key is optional (a missing one counts as 0).

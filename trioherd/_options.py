@@ -238,12 +238,21 @@ class AppOptions:
             choices=LOOPS,
         ),
     )
+    preload: bool = attrs.field(
+        default=False,
+        metadata=option(
+            "bool",
+            "import the app once, in a template process (a mold), and fork the workers from "
+            "it: faster respawns, memory shared between workers, and every worker runs the "
+            "same generation of the code; a reload makes a new mold (--reload turns it on)",
+        ),
+    )
     reload: bool = attrs.field(
         default=False,
         metadata=option(
             "bool",
-            "watch the app's files and do a rolling reload when one changes (development; "
-            "needs trioherd[reload])",
+            "watch the app's files and do a reload when one changes (development; implies "
+            "--preload; needs trioherd[reload])",
         ),
     )
     reload_dir: tuple[str, ...] = attrs.field(

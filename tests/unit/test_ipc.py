@@ -24,6 +24,10 @@ def test_round_trip_of_every_message_type() -> None:
         "boot_error": {"text": "Traceback ..."},
         "beat": {"stats": {"requests": 5}},
         "draining": {},
+        "mold": {"v": 1, "generation": 2, "config": {"workers": 2}},
+        "fork": {"id": 7},
+        "forked": {"pid": 42},
+        "exited": {"pid": 42, "code": -9},
     }
     assert set(samples) == set(_ipc.SCHEMA)
     for kind, fields in samples.items():

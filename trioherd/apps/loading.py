@@ -156,13 +156,9 @@ def load(spec: str) -> Any:
     if module_name.endswith(".py") or os.sep in module_name:
         path = os.path.abspath(module_name)
         name = "__trioherd_app__"
-        file_spec = importlib.util.spec_from_file_location(name, path)
-        if file_spec is None or file_spec.loader is None:
-            raise ImportError(f"app {spec!r}: cannot load {path}")
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[name] = module
-        sys.path.insert(0, os.path.dirname(path))
-        file_spec.loader.exec_module(module)
+        module = sys.modules.get(name)  # a worker forked by a mold: the mold's import
+        if module is None or getattr(module, "__file__", None) != path:
+            module = _load_file(spec, name, path)
     else:
         module = importlib.import_module(module_name)
     obj: Any = module
@@ -176,6 +172,18 @@ def load(spec: str) -> Any:
     if not callable(obj):
         raise TypeError(f"app {spec!r} is not callable: {obj!r}")
     return obj
+
+
+def _load_file(spec: str, name: str, path: str) -> Any:
+    """Import the file ``path`` as the module ``name``."""
+    file_spec = importlib.util.spec_from_file_location(name, path)
+    if file_spec is None or file_spec.loader is None:
+        raise ImportError(f"app {spec!r}: cannot load {path}")
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[name] = module
+    sys.path.insert(0, os.path.dirname(path))
+    file_spec.loader.exec_module(module)
+    return module
 
 
 def _is_async(app: Any) -> bool:

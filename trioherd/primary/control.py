@@ -129,6 +129,9 @@ def status(herd: Herd) -> dict[str, Any]:
         "size": herd.size,
         "reloads": herd.reloads,
         "reloads_failed": herd.reloads_failed,
+        "generation": herd.generation,
+        "preload": herd.generations.preload,
+        "molds": herd.generations.describe(),
         "workers": [
             {**worker.as_dict(), "websockets": int(worker.stats.get("websockets", 0))}
             for worker in herd.workers

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -31,12 +30,14 @@ import trio
 
 from .. import _ipc
 from .._config import Config
-from .._errors import ReloadError, StoppedBeforeReady
+from .._errors import ReloadError, StoppedBeforeReady, WorkerBootError
 from .._log import plural
 from .events import EventHub, HerdEvent
 from .handoff import Handoff
-from .process import Slot, WorkerProcess, WorkerState
+from .molds import MoldProcess
+from .process import Slot, WorkerProcess, WorkerState, first_of
 from .supervisor import Supervisor
+from .switch import Switch
 
 log = logging.getLogger("trioherd.primary")
 
@@ -58,6 +59,10 @@ class Herd:
         replace = partial(self._replace, wait=False)  # a slot may recycle again at once
         give_up = partial(self._stop, drain_delay=0.0)  # what boots never reaches a balancer
         self.supervisor = Supervisor(config, handoff, self.hub, replace, give_up)
+        self.generations = self.supervisor.generations
+        self.generations.lost = self._mold_lost
+        self.switch = Switch(self.supervisor, handoff, self._disconnect)
+        self._booting = trio.CancelScope()  # the first import (--preload): a stop cancels it
         self._stop_asked = False
         self._stopped = trio.Event()
         self._rolling = trio.Lock()
@@ -96,6 +101,12 @@ class Herd:
         return self.supervisor.respawns
 
     @property
+    def generation(self) -> int:
+        """The generation of the code the herd runs: 1 from its boot, one more for each
+        reload (with --preload, each is one import of the app, in a mold)."""
+        return self.generations.current
+
+    @property
     def url(self) -> str:
         """The first listener's address, such as ``http://127.0.0.1:8000``."""
         return self.addresses[0]
@@ -130,6 +141,7 @@ class Herd:
             await self._stopped.wait()
             return
         self._stop_asked = True
+        self._booting.cancel()
         self._notify("stopping")
         if drain_delay > 0:
             log.info(
@@ -174,7 +186,7 @@ class Herd:
                 with contextlib.suppress(OSError):  # logged; the slot retries later
                     workers.append(self.supervisor.start(slot))
             for worker in workers:
-                await _first(worker.ready_event, worker.exited_event)
+                await first_of(worker.ready_event, worker.exited_event)
         elif count < len(active):
             log.info("scaling down to %s", plural(count, "worker"))
             by_age = sorted(active, key=lambda s: s.worker.started_at if s.worker else math.inf)
@@ -189,29 +201,40 @@ class Herd:
         self._notify("scaled")
 
     async def reload(self) -> None:
-        """Rolling reload: per slot, start a replacement, wait until it is ready, then
-        disconnect the old worker. One extra worker at a time; capacity never drops. If a
-        replacement fails to boot, stop and raise ReloadError; old workers keep serving."""
+        """Reload: a new generation of the code (with --preload, a mold imports the files
+        on disk now), then every worker replaced by one of it, the new ones all started at
+        once (``primary.switch``). Capacity never drops, and the herd never runs two
+        generations after it: if the code cannot be imported, or a new worker cannot
+        become ready, nothing changes and ReloadError says why."""
         async with self._rolling:
             if self.stopping:
                 return
             self._notify("reloading")
             log.info("reloading %s", plural(self.size, "worker"))
-            began = time.monotonic()
             try:
-                for slot in list(self.supervisor.slots):
-                    async with slot.lock:  # after a recycle of this slot, if one runs
-                        fresh = slot.worker is not None and slot.worker.started_at > began
-                        if slot.active and not self.stopping and not fresh:
-                            await self._replace(slot, "reload")
+                if await self._reload():
+                    self.reloads += 1
+                    log.info("reload complete")
             except ReloadError:
                 self.reloads_failed += 1
                 raise
             finally:
                 if not self.stopping:
                     self._notify("ready")
-            self.reloads += 1
-            log.info("reload complete")
+
+    async def _reload(self) -> bool:
+        try:
+            generation = await self.generations.make()
+        except WorkerBootError as exc:
+            if self.stopping:
+                return False
+            log.error(
+                "reload failed: the app could not be imported; generation %d serves on:\n%s",
+                self.generation,
+                exc.text.rstrip(),
+            )
+            raise ReloadError(exc.text) from None
+        return await self.switch.to(generation)
 
     def totals(self) -> dict[str, Any]:
         """Counters of the whole herd, exited workers included (metrics, status)."""
@@ -225,28 +248,75 @@ class Herd:
         before they become ready, StoppedBeforeReady if a stop came first."""
         supervisor = self.supervisor
         try:
-            async with trio.open_nursery() as nursery:
-                supervisor.nursery = nursery
-                await nursery.start(supervisor.recycler.run, lambda: supervisor.workers)
-                await supervisor.boot(self.config.workers)
-                if not self.stopping:
-                    await nursery.start(self.handoff.run)
-                    self._notify("ready")
-                    task_status.started(self)
-                    supervisor.started = True
-                await self._stopped.wait()
-                nursery.cancel_scope.cancel()
+            # the molds' news is read outside the herd's nursery: how its workers ended
+            # still comes while they are killed at the end
+            async with trio.open_nursery() as molds:
+                self.generations.nursery = molds
+                try:
+                    async with trio.open_nursery() as nursery:
+                        supervisor.nursery = nursery
+                        await nursery.start(supervisor.recycler.run, lambda: supervisor.workers)
+                        if await self._first_generation():
+                            await supervisor.boot(self.config.workers)
+                        if not self.stopping:
+                            await nursery.start(self.handoff.run)
+                            self._notify("ready")
+                            task_status.started(self)
+                            supervisor.started = True
+                        await self._stopped.wait()
+                        nursery.cancel_scope.cancel()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await supervisor.kill_all()
         finally:
-            with trio.CancelScope(shield=True):
-                await supervisor.kill_all()
-                self.handoff.close()
-                self.hub.close()  # no subscriber waits on a herd that is gone
+            self.handoff.close()
+            self.hub.close()  # no subscriber waits on a herd that is gone
         if supervisor.fatal is not None:
             raise supervisor.fatal
         if not self.started:
             stopped = StoppedBeforeReady("the herd was stopped before every worker was ready")
             stopped.forced = self.forced
             raise stopped
+
+    # -- generations --------------------------------------------------------------------
+
+    async def _first_generation(self) -> bool:
+        """Generation 1 (with --preload, the mold's import of the app). False if a stop
+        came, or if the app cannot be imported: then the herd gives up (exit 3)."""
+        failure = None
+        with self._booting:
+            try:
+                self.generations.adopt(await self.generations.make())
+                return True
+            except WorkerBootError as exc:
+                failure = exc
+        if failure is not None and not self.stopping:
+            self.supervisor.fatal = failure
+            await self._stop(drain_delay=0.0)
+        return False
+
+    def _mold_lost(self, mold: MoldProcess) -> None:
+        if mold.generation == self.generations.current and not self.stopping:
+            self.supervisor.tasks.start_soon(self._remold)
+
+    async def _remold(self) -> None:
+        """The current mold died, and its workers with it: a new generation from the files
+        on disk fills the slots again. If the app cannot be imported any more, the herd
+        gives up (exit 3): it has no worker left, and no way to make one."""
+        async with self._rolling:
+            if self.stopping:
+                return
+            try:
+                generation = await self.generations.make()
+            except WorkerBootError as exc:
+                if not self.stopping:
+                    log.critical("a new mold could not import the app; giving up")
+                    self.supervisor.fatal = exc
+                    await self._stop(drain_delay=0.0)
+                return
+            self.generations.adopt(generation)
+            with contextlib.suppress(ReloadError):  # logged; respawns go on trying
+                await self.switch.to(generation)
 
     # -- replacement: reload, recycling -----------------------------------------------
 
@@ -261,7 +331,7 @@ class Herd:
             log.error("%s of slot %d failed: cannot start a worker: %s", reason, slot.index, exc)
             raise ReloadError(f"cannot start a worker: {exc}") from None
         with trio.move_on_after(self.config.boot_timeout) as waited:
-            await _first(new.ready_event, new.exited_event)
+            await first_of(new.ready_event, new.exited_event)
         if self.supervisor.stopping or not slot.active:
             # a stop (past its drain delay) or a scale-down came meanwhile: the replacement
             # is not wanted
@@ -306,15 +376,3 @@ class Herd:
     def _notify(self, state: str) -> None:
         if self.on_state_change is not None:
             self.on_state_change(state)
-
-
-async def _first(*events: trio.Event) -> None:
-    """Wait until any of the events is set."""
-    async with trio.open_nursery() as nursery:
-        for event in events:
-
-            async def wait(event: trio.Event = event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(wait)

@@ -7,7 +7,9 @@ connections, and the policy (``_policy``) says what an exit means.
 
 Workers are spawned with ``subprocess.Popen`` from the thread that runs the primary's Trio
 loop, never through ``trio.lowlevel.open_process``: trio forks from a worker thread, and
-the worker's PR_SET_PDEATHSIG fires when the *thread* that forked it exits.
+the worker's PR_SET_PDEATHSIG fires when the *thread* that forked it exits. With
+``--preload`` a mold forks them instead (``launch``, ``primary.molds``), and the herd holds
+each through a pidfd (``primary.forked``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -35,12 +37,16 @@ from .._policy import ExitFacts, request_limit, should_recycle
 from .._tally import Tally
 from . import sched as _sched
 from .events import HerdEvent
+from .forked import ForkedProcess
 
 log = logging.getLogger("trioherd.primary")
 
 KILL_MARGIN = 2.0
 
 _WORKER_COMMAND = "import trioherd.worker.main as w; w.main()"
+
+Launch = Callable[[int, socket.socket, socket.socket], ForkedProcess]
+"""How a mold makes a worker: (worker id, control channel end, connection channel end)."""
 
 
 @attrs.define(eq=False)
@@ -78,7 +84,7 @@ class WorkerProcess:
     id: int
     slot: Slot
     pid: int
-    process: subprocess.Popen[bytes] = attrs.field(repr=False)
+    process: subprocess.Popen[bytes] | ForkedProcess = attrs.field(repr=False)
     channel: _ipc.Channel = attrs.field(repr=False)
     conns: _ipc.Channel = attrs.field(repr=False)
     """The connection channel's sending end (fds to the worker)."""
@@ -89,6 +95,8 @@ class WorkerProcess:
     """The counters the worker keeps in memory shared with the primary: the last batch it
     took, the connections it opened and closed."""
     state: WorkerState = WorkerState.STARTING
+    generation: int = 0
+    """The code it runs: the import (with --preload, the mold) it was made from."""
     started_at: float = attrs.field(factory=time.monotonic)
     ready_at: float | None = None
     dispatched: int = 0  # written by the hand-off only
@@ -330,6 +338,7 @@ class WorkerProcess:
             "slot": self.slot.index,
             "pid": self.pid,
             "state": self.state,
+            "generation": self.generation,
             "uptime": round(self.uptime, 3),
             "restarts": self.slot.restarts,
             "connections": self.open_connections,
@@ -349,25 +358,21 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def _start_interpreter(
-    channel_end: socket.socket, conns_end: socket.socket, env: dict[str, str]
+def start_python(
+    code: str, ends: Mapping[str, socket.socket], env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -c`` of the worker with its two channel ends inherited (under the
-    scheduling policy the primary had before ``--batch-primary``)."""
+    """Start ``python -c CODE --FLAG FD ... --ppid PID`` (a worker, or a mold) with the
+    socket ends inherited under their flags, in a session of its own, under the scheduling
+    policy the primary had before ``--batch-primary``. From the primary's main thread: the
+    child's death signal is tied to the thread that forked it."""
+    command = [sys.executable, "-c", code]
+    for flag, end in ends.items():
+        command += [flag, str(end.fileno())]
+    command += ["--ppid", str(os.getpid())]
     with _sched.unbatched():
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _WORKER_COMMAND,
-                "--fd",
-                str(channel_end.fileno()),
-                "--conn-fd",
-                str(conns_end.fileno()),
-                "--ppid",
-                str(os.getpid()),
-            ],
-            pass_fds=[channel_end.fileno(), conns_end.fileno()],
+            command,
+            pass_fds=[end.fileno() for end in ends.values()],
             start_new_session=True,
             env=env,
         )
@@ -380,10 +385,12 @@ def spawn(
     listeners: list[Listener],
     env: dict[str, str],
     ticket_keys: bytes = b"",
+    generation: int = 0,
+    launch: Launch | None = None,
 ) -> WorkerProcess:
-    """Start a worker interpreter and send it its init message (with the listening
-    sockets, for the shared policy, and the herd's TLS session-ticket keys). Raises OSError
-    when no process can be started."""
+    """Start a worker interpreter (or have a mold fork one: ``launch``) and send it its
+    init message (with the listening sockets, for the shared policy, and the herd's TLS
+    session-ticket keys). Raises OSError when no process can be started."""
     limit = request_limit(config.max_requests, config.max_requests_jitter)
     shared = config.dispatch == "shared"
     init = _ipc.encode(
@@ -409,7 +416,12 @@ def spawn(
             ends.callback(conns_worker_end.close)
             recall_end = conns_worker_end.dup()
             undo.callback(recall_end.close)
-            process = _start_interpreter(worker_end, conns_worker_end, env)
+            process: subprocess.Popen[bytes] | ForkedProcess
+            if launch is None:
+                inherited = {"--fd": worker_end, "--conn-fd": conns_worker_end}
+                process = start_python(_WORKER_COMMAND, inherited, env)
+            else:
+                process = launch(worker_id, worker_end, conns_worker_end)
             undo.pop_all()
         channel, conns, recall = (
             _ipc.Channel(end) for end in (primary_end, conns_end, recall_end)
@@ -418,6 +430,7 @@ def spawn(
         channel.try_send(init, fds)  # a fresh socket pair has room for it
     worker = WorkerProcess(worker_id, slot, process.pid, process, channel, conns, recall, tally)
     worker.shared = shared
+    worker.generation = generation
     worker.request_limit = limit
     worker.last_seen = trio.current_time()
     return worker
@@ -445,8 +458,11 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-async def wait_process(process: subprocess.Popen[bytes]) -> None:
+async def wait_process(process: subprocess.Popen[bytes] | ForkedProcess) -> None:
     """Wait for the process to exit without a thread: a pidfd is readable once it has."""
+    if isinstance(process, ForkedProcess):
+        await process.wait()
+        return
     if process.poll() is not None:
         await trio.lowlevel.checkpoint()
         return
@@ -465,3 +481,15 @@ async def wait_process(process: subprocess.Popen[bytes]) -> None:
     finally:
         os.close(pidfd)
     process.wait()
+
+
+async def first_of(*events: trio.Event) -> None:
+    """Wait until any of the events is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)

@@ -31,6 +31,7 @@ from .._policy import after_exit, backoff_delay, free_indexes
 from .._tls import new_ticket_keys
 from .events import EventHub
 from .handoff import Handoff
+from .molds import Generations
 from .process import Slot, WorkerProcess, WorkerState, spawn, worker_env
 from .recycle import Recycler
 
@@ -72,6 +73,7 @@ class Supervisor:
         self._boot_failures = 0
         self._last_boot_error = ""
         self._env = worker_env()
+        self.generations = Generations(config, self._env)
         self._ticket_keys = new_ticket_keys() if config.tls else b""  # kept across reloads
 
     @property
@@ -115,12 +117,13 @@ class Supervisor:
         return new
 
     async def kill_all(self) -> None:
-        """The herd's end: no worker outlives it."""
+        """The herd's end: no worker outlives it, nor a mold."""
         for worker in list(self.workers):
             worker.kill(signal.SIGKILL, "shutdown")
         for worker in list(self.workers):
             with trio.move_on_after(5):
                 await worker.wait()
+        await self.generations.close()
 
     # -- spawning ----------------------------------------------------------------------
 
@@ -136,13 +139,21 @@ class Supervisor:
             self.tasks.start_soon(self._respawn, slot, delay)
             raise
 
-    def spawn(self, slot: Slot, *, replacing: bool = False) -> WorkerProcess:
-        """Start a worker process for ``slot`` and the task that supervises it. A
-        replacement (``replacing``) takes the slot over only once the herd says so."""
+    def spawn(
+        self, slot: Slot, *, replacing: bool = False, generation: int | None = None
+    ) -> WorkerProcess:
+        """Start a worker process for ``slot`` (of the current generation, unless told)
+        and the task that supervises it. A replacement (``replacing``) takes the slot over
+        only once the herd says so."""
+        if generation is None:
+            generation = self.generations.current
+        launch = self.generations.launcher(generation)
         worker_id = self._next_id
         self._next_id += 1
         listeners, keys = self.handoff.listeners, self._ticket_keys
-        worker = spawn(worker_id, slot, self.config, listeners, self._env, keys)
+        worker = spawn(
+            worker_id, slot, self.config, listeners, self._env, keys, generation, launch
+        )
         self.workers.append(worker)
         if not replacing:
             slot.worker = worker
@@ -234,8 +245,11 @@ class Supervisor:
         if worker.state is WorkerState.STARTING:  # not if a stop or scale-down already reached it
             worker.state = WorkerState.READY
         self._boot_failures = 0
+        # (not a worker a reload is about to replace: a respawn of the past generation)
+        current = worker.generation >= self.generations.floor
         if worker.state is WorkerState.READY and not self.stopping and worker.slot.active:
-            self.handoff.admit(worker)
+            if current:
+                self.handoff.admit(worker)
         self._progress.set()
         worker.ready_event.set()
         self.publish("ready", worker)
@@ -248,6 +262,7 @@ class Supervisor:
         self.handoff.gone(worker)
         if worker in self.workers:
             self.workers.remove(worker)
+        self.generations.retire(self.workers)
         self._exited_totals = _ipc.total_stats([self._exited_totals, worker.stats])
         worker.exited_event.set()
         worker.ready_event.set()  # nobody waits forever on a worker that is gone
