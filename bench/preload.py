@@ -40,32 +40,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SLOW_IMPORT_APP = """
-import os, time
-time.sleep(1.0)  # an import that takes a second
+import time
 
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
+time.sleep(1.0)  # an import that takes a second
+from bench.hello_app import app
 """
 
 BIG_APP = """
-import os
 # 80 MB of Python objects (tracemalloc): a list of 510,000 (str, int) tuples
 DATA = [("item number %08d" % i, i * 7) for i in range(510_000)]
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": str(len(DATA)).encode()})
+from bench.hello_app import app
 """
 
 FASTAPI_APP = """

@@ -321,7 +321,7 @@ async def test_websocket_clients_are_disconnected_once_per_reload(
     preload: bool, stop_clients: threading.Event
 ) -> None:
     async with open_herd(app="apps.preload_apps:asgi", workers=2, preload=preload) as herd:
-        url = herd.url.replace("http", "ws", 1) + "/chat"
+        url = herd.url.replace("http", "ws", 1) + "/echo"
         clients = [Client(url, stop_clients) for _ in range(10)]
         for client in clients:
             client.start()

@@ -2,7 +2,7 @@
 ``--preload`` the first is the mold, the second a worker forked from it.
 
 Each answers ``imported <pid> served <pid>`` (the stream handler on connect, then
-closes); the WebSocket app answers ``pid`` with the serving pid and echoes the rest.
+closes); ``asgi`` serves lifespan and WebSockets as ``ws_apps.asgi`` does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 import trioherd
+from apps import ws_apps
 from trioherd import Request, Response
 
 IMPORTED_IN = os.getpid()
@@ -28,27 +29,11 @@ async def native(request: Request) -> Response:
 
 
 async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    if scope["type"] == "websocket":
-        await _websocket(receive, send)
+    if scope["type"] != "http":  # lifespan, and WebSockets (/echo answers "pid")
+        await ws_apps.asgi(scope, receive, send)
         return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": who().encode()})
-
-
-async def _websocket(receive: Any, send: Any) -> None:
-    await receive()  # websocket.connect
-    await send({"type": "websocket.accept"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        text = message.get("text") or ""
-        await send({"type": "websocket.send", "text": str(os.getpid()) if text == "pid" else text})
 
 
 async def asyncio_only(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -106,8 +106,8 @@ async def _asgi_echo(path: str, receive: Any, send: Any) -> None:
         text = message.get("text")
         if path == "/boom":
             raise ValueError("the app failed on purpose")
-        if text == "pid":
-            await send({"type": "websocket.send", "text": PID})
+        if text == "pid":  # the serving process's (a mold's forked worker's, --preload)
+            await send({"type": "websocket.send", "text": str(os.getpid())})
         elif text == "close":
             await send({"type": "websocket.close", "code": 4001, "reason": "asked to"})
         elif text is not None:
