@@ -284,6 +284,8 @@ class Generations:
             with trio.move_on_after(CLOSE_WAIT):
                 await mold.gone.wait()
             mold.kill()
+            with trio.move_on_after(CLOSE_WAIT):  # reaped, also if its reader was cancelled
+                await wait_process(mold.process)
 
     def _lost(self, mold: MoldProcess) -> None:
         # (one that died before it was ready is make()'s to report)

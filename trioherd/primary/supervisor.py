@@ -245,11 +245,10 @@ class Supervisor:
         if worker.state is WorkerState.STARTING:  # not if a stop or scale-down already reached it
             worker.state = WorkerState.READY
         self._boot_failures = 0
+        admissible = worker.state is WorkerState.READY and worker.slot.active
         # (not a worker a reload is about to replace: a respawn of the past generation)
-        current = worker.generation >= self.generations.floor
-        if worker.state is WorkerState.READY and not self.stopping and worker.slot.active:
-            if current:
-                self.handoff.admit(worker)
+        if admissible and not self.stopping and worker.generation >= self.generations.floor:
+            self.handoff.admit(worker)
         self._progress.set()
         worker.ready_event.set()
         self.publish("ready", worker)
