@@ -4,9 +4,12 @@ The primary watches (watchfiles' ``awatch``, which runs on Trio through anyio: t
 itself is in a thread, in Rust). A burst of changes (an editor's save, a ``git checkout``)
 is one reload: watchfiles groups changes until none came for ``QUIET_MS``, and changes that
 come while a reload runs make one more reload after it. The reload is the herd's own
-rolling reload, so an edit that breaks the app (a syntax error) fails its replacement
-worker: the error is logged, the workers that run the last good code keep serving, and the
-next change is tried again.
+rolling reload, and ``--reload`` implies ``--preload``: each reload is one import of the
+files, in a new mold, and the whole herd switches to it or not at all. So an edit that
+breaks the app (a syntax error) fails the mold's import: the error is logged, the workers
+that run the last good code keep serving, and the next change is tried again. An edit
+saved while a reload runs waits for the next one (the running one keeps the code its mold
+imported), so the herd never serves two versions.
 
 What counts: files under the ``--reload-dir`` directories (default: the current directory)
 whose path matches a ``--reload-include`` glob (default ``*.py``) and neither it nor a
