@@ -54,12 +54,52 @@ def control_sockets() -> list[str]:
     return sorted(p.name for p in directory.glob("*.sock")) if directory.exists() else []
 
 
-@pytest.fixture(params=["h11", "httptools"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``http_parser``'s runs: each parser on Trio, and the asyncio runtime (httptools)."""
+    if "http_parser" in metafunc.fixturenames:
+        metafunc.parametrize("http_parser", ["h11", "httptools", "asyncio"], indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """No asyncio run of a test (or one of its parameters) marked ``trio_only``: what it
+    checks exists on the Trio runtime alone (a native WebSocket, a stream handler)."""
+    trio_only = [
+        item
+        for item in items
+        if item.get_closest_marker("trio_only") is not None
+        and getattr(getattr(item, "callspec", None), "params", {}).get("http_parser") == "asyncio"
+    ]
+    if trio_only:
+        config.hook.pytest_deselected(items=trio_only)
+        items[:] = [item for item in items if item not in trio_only]
+
+
+def _runs_of(item: pytest.Item) -> tuple[object, ...]:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (params.get("http_parser"), params.get("runtime"))
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def runtime(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on each worker runtime: Trio, and asyncio's loop (the native test apps
+    behind their ASGI twins, ``apps.twin``), as ``http_parser``'s asyncio run does."""
+    if request.param == "asyncio":
+        monkeypatch.setenv("TRIOHERD_ASYNCIO", "1")
+    return str(request.param)
+
+
+@pytest.fixture
 def http_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test once with each request parser (``--http``): h11 is the reference, and
-    httptools must give the same answers. Herds started by the test take it from the
-    environment (``TRIOHERD_HTTP``: ``serve`` reads it, ``helpers.open_herd`` passes it)."""
-    monkeypatch.setenv("TRIOHERD_HTTP", request.param)
+    httptools must give the same answers; and once on the asyncio runtime (``asyncio``:
+    httptools on asyncio's loop, the native test apps behind their ASGI twins,
+    ``apps.twin``). Herds started by the test take it from the environment
+    (``TRIOHERD_HTTP``, ``TRIOHERD_ASYNCIO``: ``serve`` reads them, ``helpers.open_herd``
+    passes them)."""
+    parser = "httptools" if request.param == "asyncio" else request.param
+    monkeypatch.setenv("TRIOHERD_HTTP", parser)
+    if request.param == "asyncio":
+        monkeypatch.setenv("TRIOHERD_ASYNCIO", "1")
     return str(request.param)
 
 

@@ -9,6 +9,7 @@ set-up (marker variable, runtime directory) are in conftest.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,20 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
+def on_asyncio() -> bool:
+    """The test runs its herds on the asyncio runtime (conftest.http_parser)."""
+    return os.environ.get("TRIOHERD_ASYNCIO") == "1"
+
+
+_APP_SPEC = re.compile(r"apps\.(\w+):(\w+)")
+
+
+def runtime_app(spec: str) -> str:
+    """A test app as the asyncio runtime serves it: its ASGI twin (``apps.twin``)."""
+    match = _APP_SPEC.fullmatch(spec)
+    return f"apps.twin:{match[1]}.{match[2]}" if match else spec
+
+
 def unique_name() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
@@ -95,8 +110,12 @@ async def open_herd(**options: Any) -> AsyncIterator[trioherd.Herd]:
     }
     if "TRIOHERD_HTTP" in os.environ:  # the parser the test runs with (conftest.http_parser)
         defaults["http"] = os.environ["TRIOHERD_HTTP"]
+    if on_asyncio():  # the runtime too (conftest.http_parser's "asyncio")
+        defaults["asyncio"] = True
     defaults.update(options)
     app = defaults.pop("app", None)
+    if isinstance(app, str) and defaults.get("asyncio"):
+        app = runtime_app(app)
     try:
         async with testing.open_herd(app, **defaults) as herd:
             yield herd
@@ -161,6 +180,8 @@ class CLIHerd:
         full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
         full_env.update(env or {})
         if command is None:
+            if full_env.get("TRIOHERD_ASYNCIO") == "1":  # (conftest.http_parser)
+                args = [runtime_app(arg) for arg in args]
             command = [sys.executable, "-m", "trioherd", "serve", *args]
             if "--name" not in args:
                 command += ["--name", self.name]

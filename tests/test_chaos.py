@@ -30,7 +30,8 @@ import trio
 import trioherd
 from helpers import CLIHerd, address_of, open_herd, wait_until
 
-pytestmark = pytest.mark.chaos
+# every test here runs on both worker runtimes (conftest.runtime)
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("runtime")]
 
 APP = "apps.chaos_apps:app"
 CLIENTS = 4  # concurrent load clients, each with one request outstanding at a time

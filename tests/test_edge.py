@@ -23,6 +23,9 @@ from test_proxies import INFO, body_of, pid_of, proxy_v2
 from helpers import address_of, open_herd, receive_all
 from trioherd import WorkerState
 
+# every test here runs on both worker runtimes (conftest.runtime)
+pytestmark = pytest.mark.usefixtures("runtime")
+
 BALANCER = "127.0.0.2"  # the proxy the tests trust or allow
 STRANGER = "127.0.0.3"  # in no list (127.0.0.1 is in the default lists)
 

@@ -562,6 +562,7 @@ async def test_connections_passed_before_the_primary_knew_of_a_drain_are_served(
         assert leaving.pid in answers  # it was passed connections while draining: served
 
 
+@pytest.mark.usefixtures("runtime")  # a loop that blocks: either runtime
 async def test_connections_queued_to_a_hung_worker_are_served_by_another() -> None:
     import httpx
 
@@ -609,6 +610,7 @@ async def test_connections_passed_to_a_worker_that_dies_unread_are_served() -> N
         assert stopped.pid not in answers
 
 
+@pytest.mark.usefixtures("runtime")  # a loop that blocks: either runtime
 async def test_a_worker_whose_loop_hangs_is_killed_and_replaced(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -644,6 +646,7 @@ async def test_a_worker_killed_by_a_realtime_signal_is_respawned(
         assert f"died: killed by signal {int(signal.SIGRTMIN) + 6}" in caplog.text
 
 
+@pytest.mark.usefixtures("runtime")  # a loop that blocks: either runtime
 async def test_a_hung_worker_neither_stops_accepting_nor_holds_a_stop() -> None:
     import httpx
 

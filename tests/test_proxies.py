@@ -18,6 +18,9 @@ import trustme
 import trioherd
 from helpers import address_of, open_herd, receive_all
 
+# every test here runs on both worker runtimes (conftest.runtime)
+pytestmark = pytest.mark.usefixtures("runtime")
+
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 

@@ -627,6 +627,7 @@ def test_example_tls_server_serves_what_its_curl_command_fetches() -> None:
     assert not ca_pem.parent.exists()  # the throwaway CA went with the server
 
 
+@pytest.mark.trio_only  # a stream handler: a Trio program
 async def test_stream_handler_is_served_over_tls(pki: PKI) -> None:
     async with open_herd(app="apps.raw:echo", workers=1, **tls_options(pki)) as herd:
         assert herd.addresses[0].startswith("https://")

@@ -37,6 +37,10 @@ from trioherd import _cli
 from trioherd.primary import control as _control
 from trioherd.protocols.ws_incoming import INFLATE_PIECE
 
+# WebSockets are served by the Trio runtime only, so far: the asyncio runtime answers an
+# upgrade request as a plain HTTP request (issue 26 is open on it)
+NOT_ON_ASYNCIO = pytest.mark.trio_only
+
 EXAMPLES = ROOT / "examples"
 AUTOBAHN = ROOT / "tools" / "autobahn"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample key
@@ -76,6 +80,7 @@ def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
 
 
 @pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
+@NOT_ON_ASYNCIO
 def test_native_echo_text_binary_subprotocol_and_compression(serve: Any) -> None:
     herd = serve("apps.ws_apps:native")
     with connect(ws_url(herd.urls[0], "/echo"), subprotocols=["other", "chat"]) as ws:
@@ -99,6 +104,7 @@ def test_native_echo_text_binary_subprotocol_and_compression(serve: Any) -> None
 
 
 @pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
+@NOT_ON_ASYNCIO
 def test_asgi_scope_echo_and_close_by_the_app(serve: Any) -> None:
     herd = serve("apps.ws_apps:asgi")
     url = ws_url(herd.urls[0], "/scope?room=1")
@@ -153,6 +159,7 @@ def test_starlette_and_fastapi_websocket_routes_run_unchanged(serve: Any) -> Non
 
 
 @pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
+@NOT_ON_ASYNCIO
 def test_denial_403_and_the_http_response_extension(serve: Any) -> None:
     asgi = serve("apps.ws_apps:asgi")
     with pytest.raises(websockets.InvalidStatus) as refused:
@@ -200,6 +207,7 @@ def handshake(
 
 
 @pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
+@NOT_ON_ASYNCIO
 def test_bad_handshakes_get_400_and_426(serve: Any) -> None:
     herd = serve("apps.ws_apps:asgi")
     port = herd.port
@@ -222,6 +230,7 @@ def test_bad_handshakes_get_400_and_426(serve: Any) -> None:
 
 
 @pytest.mark.usefixtures("http_parser")  # the handshake is an HTTP request: both parsers
+@NOT_ON_ASYNCIO
 def test_ws_none_serves_upgrade_requests_as_plain_http(serve: Any) -> None:
     herd = serve("apps.ws_apps:asgi", "--ws", "none")
     sock, head = handshake(herd.port)

@@ -29,7 +29,8 @@ from trioherd._errors import ConfigError
 from trioherd.apps.loading import detect_interface
 
 # every test here runs with h11 and with httptools (conftest.http_parser)
-pytestmark = pytest.mark.usefixtures("http_parser")
+# a WSGI app is served on the Trio runtime's threads (--asyncio serves ASGI apps)
+pytestmark = [pytest.mark.usefixtures("http_parser"), pytest.mark.trio_only]
 
 TIMEOUT = 30
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import math
 import secrets
 import socket
 import ssl
@@ -29,7 +28,7 @@ import trio
 
 from ._config import Config
 from ._errors import ConfigError
-from .protocols.shared import HEAD, Phase
+from .protocols.tlslink import HandshakeWatch
 from .protocols.tlsstream import TLSSocketStream
 
 if TYPE_CHECKING:
@@ -313,31 +312,6 @@ def facts(tls: Any) -> dict[str, Any]:
     }
 
 
-class _HandshakeWatch:
-    """A connection in its TLS handshake as the worker's sweeper sees it (``Watched``):
-    at the handshake timeout it interrupts the handshake's wait, as it ends a waiting
-    HTTP connection's, so the handshake needs no cancel scope of its own."""
-
-    __slots__ = ("deadline", "expired", "phase", "served", "stream")
-
-    def __init__(self, stream: TLSSocketStream, deadline: float) -> None:
-        self.stream = stream
-        self.deadline = deadline
-        self.phase = HEAD
-        self.served = 0
-        self.expired: Phase | None = None
-
-    def check_send(self, now: float) -> None:
-        pass  # never in SEND
-
-    def expire(self) -> bool:
-        if not self.stream.interrupt():
-            return False  # not waiting: it runs, and the next sweep looks again
-        self.expired = HEAD
-        self.deadline = math.inf
-        return True
-
-
 async def secure(
     sock: socket.socket, context: ssl.SSLContext, state: ServerState
 ) -> tuple[TLSSocketStream, dict[str, Any]] | None:
@@ -346,7 +320,7 @@ async def secure(
     :func:`facts`, or None (the socket closed) if the client fails, goes or stalls. A
     client that OpenSSL refuses gets the alert that says why, within ALERT_TIMEOUT."""
     stream = TLSSocketStream(sock, context, state.edge)
-    watch = _HandshakeWatch(stream, state.now() + state.config.tls_handshake_timeout)
+    watch = HandshakeWatch(stream, state.now() + state.config.tls_handshake_timeout)
     state.connections.add(watch)
     try:
         await stream.do_handshake()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 
-import trio
+import anyio
 
 from trioherd import Request, Response
 
@@ -27,5 +27,5 @@ async def app(request: Request) -> Response:
 
         return Response(chunks(), headers=headers, content_type="application/octet-stream")
     if request.path == "/slow":  # an exchange that is in flight for a while
-        await trio.sleep(float(request.query.partition("=")[2] or 0.2))
+        await anyio.sleep(float(request.query.partition("=")[2] or 0.2))
     return Response(PID, headers=headers)

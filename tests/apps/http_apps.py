@@ -7,7 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import trio
+import anyio
 
 from trioherd import Request, Response
 
@@ -30,7 +30,7 @@ async def native(request: Request) -> Response:
         async def chunks() -> AsyncIterator[bytes]:
             for i in range(3):
                 yield f"chunk {i}\n".encode()
-                await trio.sleep(0.01)
+                await anyio.sleep(0.01)
 
         return Response(chunks(), headers=headers)
     if request.path == "/grow":  # hold on to memory, as a leaking app would
@@ -41,7 +41,7 @@ async def native(request: Request) -> Response:
     if request.path == "/boom":
         raise ValueError("the app failed on purpose")
     if request.path == "/slow":
-        await trio.sleep(float(request.query.partition("=")[2] or 1))
+        await anyio.sleep(float(request.query.partition("=")[2] or 1))
         return Response("slow done\n", headers=headers)
     if request.path == "/info":
         info = {
@@ -132,7 +132,7 @@ def _starlette() -> Any:
         async def parts() -> AsyncIterator[bytes]:
             for i in range(3):
                 yield b"s%d\n" % i
-                await trio.sleep(0)
+                await anyio.sleep(0)
 
         return StreamingResponse(parts(), media_type="text/plain")
 

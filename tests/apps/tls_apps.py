@@ -7,7 +7,7 @@ import os
 import ssl
 from typing import Any
 
-import trio
+import anyio
 
 import trioherd
 
@@ -16,7 +16,7 @@ async def whoami(request: trioherd.Request) -> trioherd.Response:
     """The worker pid, the client's port (one per connection) and what TLS told the app;
     ``?sleep=S`` answers after S seconds."""
     if request.query.startswith("sleep="):
-        await trio.sleep(float(request.query[len("sleep=") :]))
+        await anyio.sleep(float(request.query[len("sleep=") :]))
     body = {
         "pid": os.getpid(),
         "client_port": request.client[1] if request.client else None,

@@ -18,11 +18,13 @@ the app reads slowly is paced by TCP, not held in memory).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
 from ..protocols.shared import SendWatch
 from ..protocols.sockinfo import reset_on_close
+from ..protocols.tlslink import TLSLink
 
 READ_AHEAD = 256 * 1024
 LINGER_SECONDS = 1.0
@@ -42,6 +44,7 @@ class AioLink(asyncio.Protocol):
 
     __slots__ = (
         "buffer",
+        "closed",
         "eof",
         "gone",
         "interrupted",
@@ -65,6 +68,7 @@ class AioLink(asyncio.Protocol):
         self.paused = False  # the transport's buffer is over its high-water mark
         self.reading_paused = False
         self.interrupted = False
+        self.closed = False  # close_link or close was called
         self.watch: SendWatch | None = None
 
     # -- the transport's callbacks ---------------------------------------------------------
@@ -142,7 +146,7 @@ class AioLink(asyncio.Protocol):
 
     def send_soon(self, data: bytes) -> bool:
         """Hand ``data`` to the transport now, if it is taking data; False if not."""
-        if self.paused or self.gone is not None or self.interrupted:
+        if not self.can_send_soon:
             return False
         self.transport.write(data)
         return True
@@ -164,7 +168,45 @@ class AioLink(asyncio.Protocol):
             if watch is not None:
                 watch.send_resumed()
 
-    send_final = send_all  # the transport sends what it holds before it closes
+    async def send_final(self, data: bytes) -> None:
+        """The connection's last bytes: sent as :meth:`send_all` does, but returns only
+        once the kernel has all of them (the transport holds nothing), as a Trio send
+        does; a close then loses nothing, however long the client takes to read what the
+        kernel holds (the send timeout watches it meanwhile)."""
+        if self.gone is None:
+            self.transport.set_write_buffer_limits(0)  # paused until the buffer is empty
+        await self.send_all(data)
+
+    # what TLS asks of the link under it (protocols.tlslink.Carrier): the transport
+    # buffers every write, so nothing waits here to be flushed
+
+    @property
+    def can_send_soon(self) -> bool:
+        return not (self.paused or self.gone is not None or self.interrupted)
+
+    @property
+    def pending(self) -> bool:
+        return False
+
+    def send_nowait(self, data: bytes) -> bytes:
+        """Hand ``data`` to the transport; what is left of it (nothing)."""
+        if self.gone is None and data:
+            self.transport.write(data)
+        return b""
+
+    async def flush_pending(self) -> None:
+        pass
+
+    def held(self) -> int:
+        """Bytes the transport holds, not yet given to the kernel (the send timeout counts
+        a client's progress by them too: see H1Driver.check_send)."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def close(self) -> None:
+        """Close at once (what the transport holds is dropped)."""
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
 
     # -- deadlines ---------------------------------------------------------------------
 
@@ -191,8 +233,9 @@ class AioLink(asyncio.Protocol):
         ``linger``, half-closed first while what the client still sends is read and
         dropped, as ``protocols.closing.close_stream`` does on Trio."""
         transport = self.transport
-        if transport is None or self.gone is not None:
+        if transport is None or self.gone is not None or self.closed:
             return
+        self.closed = True
         if reset:
             reset_on_close(self)
             transport.abort()
@@ -222,3 +265,30 @@ def open_socket(fd: int, family: int) -> socket.socket:
     """The accepted connection ``fd`` as a socket object, without the getsockopt calls of
     a bare ``fileno=``."""
     return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+
+
+class AioTLSLink(TLSLink):
+    """TLS over an :class:`AioLink` (OpenSSL's records on memory BIOs, as on Trio: see
+    ``protocols.tlslink``), with asyncio's hooks."""
+
+    __slots__ = ()
+
+    transport_stream: AioLink
+
+    def broken(self, message: str) -> Exception:
+        return LinkClosed(message)
+
+    async def fair_turn(self) -> None:
+        await asyncio.sleep(0)
+
+    def held(self) -> int:
+        return self.transport_stream.held()
+
+    async def close_link(self, linger: bool, reset: bool) -> None:
+        """Our close_notify (unless the connection is reset, or it went with the last
+        answer), then the TCP connection's close (:meth:`AioLink.close_link`)."""
+        if not reset and not self.close_notify_nowait():
+            with contextlib.suppress(TimeoutError, LinkClosed, OSError):
+                async with asyncio.timeout(LINGER_SECONDS):
+                    await self.send_close_notify()
+        await self.transport_stream.close_link(linger, reset)

@@ -39,11 +39,13 @@ from ..worker.base import (
     WorkerBase,
     app_traceback,
     boot_failed,
+    client_addresses,
+    proxy_gate,
     read_init,
     ready_message,
     socket_addresses,
 )
-from .connection import AioConnection, connection_class, serve_connection
+from .connection import AioConnection, AioWaits, connection_class, serve_connection
 
 log = logging.getLogger("trioherd.worker")
 
@@ -81,6 +83,7 @@ class AioWorker(WorkerBase):
         self.accepting: set[socket.socket] = set()  # listeners with a reader (shared)
         self.adapter: Any = None
         self.connection: type[AioConnection] = AioConnection
+        self.gate = proxy_gate(self.state, AioWaits())
 
     def beat_soon(self) -> None:
         self.beat_now.set()
@@ -186,7 +189,10 @@ class AioWorker(WorkerBase):
 
     async def run_connection(self, sock: socket.socket) -> None:
         try:
-            addresses = socket_addresses(sock)
+            if self.gate is None:
+                addresses = socket_addresses(sock)
+            else:  # a PROXY header comes before anything else (TLS too)
+                addresses = await client_addresses(sock, self.gate)
             if addresses is not None:
                 await serve_connection(
                     sock, addresses, self.state, self.adapter, self.connection, self.ssl_context

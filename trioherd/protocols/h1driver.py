@@ -226,6 +226,11 @@ class H1Driver(H1Core):
         """A point where the task may be cancelled, and others run (for an adapter)."""
         raise NotImplementedError
 
+    def queued(self) -> int:
+        """Bytes of ours the client has yet to take (the kernel's count; a runtime whose
+        transport buffers writes adds what it holds)."""
+        return queued_bytes(self.stream)
+
     def event(self) -> Any:
         """A new event of the runtime (``set``, ``is_set``, ``await wait()``), for an
         adapter that waits for something another task does."""
@@ -257,7 +262,7 @@ class H1Driver(H1Core):
         look, the client took some, and ``send_timeout`` starts again. (Writability alone
         would not say: it comes only once a third of the send buffer is free, which
         takes a slow reader longer than the timeout with a big buffer.)"""
-        queued = queued_bytes(self.stream)
+        queued = self.queued()
         if queued != self.send_mark:
             self.send_mark = queued
             self.deadline = now + self.state.config.send_timeout

@@ -21,8 +21,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
-
-import trio
+from typing import Protocol
 
 from .forwarded import TrustedPeers
 
@@ -112,28 +111,37 @@ def _parse_v2(data: bytes) -> tuple[Address | None, int]:
     raise ProxyProtocolError(f"unsupported PROXY v2 address family {family:#x}")
 
 
-async def read_header(sock: socket.socket, deadline: float) -> Address | None:
-    """Read one PROXY header from a non-blocking socket by ``deadline`` (trio time).
-    Returns the source address (None: keep the socket's own). Raises ProxyProtocolError
-    for anything else, trio.TooSlowError past the deadline.
+class Waits(Protocol):
+    """How a runtime waits for a socket (``protocols.rawstream.TrioWaits``, and the
+    asyncio runtime's ``aio.connection.AioWaits``): its clock, and a wait until the
+    socket is readable that raises TimeoutError at ``deadline`` (on that clock)."""
+
+    def now(self) -> float: ...
+
+    async def readable(self, sock: socket.socket, deadline: float) -> None: ...
+
+
+async def read_header(sock: socket.socket, deadline: float, waits: Waits) -> Address | None:
+    """Read one PROXY header from a non-blocking socket by ``deadline``. Returns the
+    source address (None: keep the socket's own). Raises ProxyProtocolError for anything
+    else, TimeoutError past the deadline.
 
     Never reads past the header: it peeks, and takes only bytes that parse() has shown
     to belong to the header (all of an incomplete one, exactly the length of a whole one).
     """
     data = b""
-    with trio.fail_at(deadline):
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            peeked = sock.recv(V2_MAX, socket.MSG_PEEK)
-            if not peeked:
-                raise ProxyProtocolError("connection closed before its PROXY header")
-            try:
-                address, length = parse(data + peeked)
-            except NeedData:
-                data += sock.recv(len(peeked))
-                continue
-            sock.recv(length - len(data))  # peeked, so it is all there
-            return address
+    while True:
+        await waits.readable(sock, deadline)
+        peeked = sock.recv(V2_MAX, socket.MSG_PEEK)
+        if not peeked:
+            raise ProxyProtocolError("connection closed before its PROXY header")
+        try:
+            address, length = parse(data + peeked)
+        except NeedData:
+            data += sock.recv(len(peeked))
+            continue
+        sock.recv(length - len(data))  # peeked, so it is all there
+        return address
 
 
 def starts_like_header(data: bytes) -> bool | None:
@@ -145,24 +153,23 @@ def starts_like_header(data: bytes) -> bool | None:
     return False
 
 
-async def peeks_like_header(sock: socket.socket, deadline: float) -> bool:
-    """Whether a connection starts with a PROXY header, read by ``deadline`` (trio time)
-    without taking a byte off the socket. While the bytes there are too few to tell, it
-    waits for one more (``SO_RCVLOWAT``); a peer that closes its side before that does not
-    start with a header. Raises trio.TooSlowError past the deadline."""
+async def peeks_like_header(sock: socket.socket, deadline: float, waits: Waits) -> bool:
+    """Whether a connection starts with a PROXY header, read by ``deadline`` without
+    taking a byte off the socket. While the bytes there are too few to tell, it waits for
+    one more (``SO_RCVLOWAT``); a peer that closes its side before that does not start
+    with a header. Raises TimeoutError past the deadline."""
     wanted = 0  # bytes the socket waits for (SO_RCVLOWAT), once the first were too few
     try:
-        with trio.fail_at(deadline):
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                peeked = sock.recv(len(V2_SIGNATURE), socket.MSG_PEEK)
-                if not peeked or len(peeked) < wanted:  # readable with no more: the end
-                    return False
-                verdict = starts_like_header(peeked)
-                if verdict is not None:
-                    return verdict
-                wanted = len(peeked) + 1
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+        while True:
+            await waits.readable(sock, deadline)
+            peeked = sock.recv(len(V2_SIGNATURE), socket.MSG_PEEK)
+            if not peeked or len(peeked) < wanted:  # readable with no more: the end
+                return False
+            verdict = starts_like_header(peeked)
+            if verdict is not None:
+                return verdict
+            wanted = len(peeked) + 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
     finally:
         if wanted:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
@@ -174,11 +181,16 @@ class ProxyGate:
     and logs it as a cut, ``proxy_refused``)."""
 
     def __init__(
-        self, allow_ips: str, timeout: float, on_refused: Callable[[Address], None]
+        self,
+        allow_ips: str,
+        timeout: float,
+        on_refused: Callable[[Address], None],
+        waits: Waits,
     ) -> None:
         self.allowed = TrustedPeers(allow_ips)
         self.timeout = timeout  # for the header, or the bytes that tell there is none
         self.on_refused = on_refused
+        self.waits = waits  # the runtime's
 
     def allows(self, peer: Address | None) -> bool:
         """A peer on a Unix socket (None) can only be local, and is allowed."""
@@ -189,11 +201,12 @@ class ProxyGate:
         an allowed peer names (None: keep the socket's, as for LOCAL and UNKNOWN), or
         ``peer`` itself for a connection from another peer without a header. Raises
         ForgedHeader for a header from a peer not allowed, ProxyProtocolError for no valid
-        header from an allowed one, trio.TooSlowError past the timeout: close it."""
-        deadline = trio.current_time() + self.timeout
+        header from an allowed one, TimeoutError past the timeout: close it."""
+        waits = self.waits
+        deadline = waits.now() + self.timeout
         if self.allows(peer):
-            return await read_header(sock, deadline)
-        if not await peeks_like_header(sock, deadline):
+            return await read_header(sock, deadline, waits)
+        if not await peeks_like_header(sock, deadline, waits):
             return peer
         assert peer is not None
         self.on_refused(peer)

@@ -56,7 +56,7 @@ import trio
 
 from .shared import RECEIVE_SIZE, SendWatch
 
-__all__ = ["RECEIVE_SIZE", "EdgeWaiter", "RawSocketStream", "SendWatch"]
+__all__ = ["RECEIVE_SIZE", "EdgeWaiter", "RawSocketStream", "SendWatch", "TrioWaits"]
 
 _CLOSED_ERRNOS = (errno.EBADF, errno.ENOTSOCK)
 
@@ -487,3 +487,17 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         if self._closed or exc.errno in _CLOSED_ERRNOS:
             return trio.ClosedResourceError("stream closed")
         return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+class TrioWaits:
+    """How the Trio runtime waits for a socket to be readable, by a deadline on its clock
+    (``protocols.proxyproto.Waits``)."""
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    async def readable(self, sock: socket.socket, deadline: float) -> None:
+        with trio.move_on_at(deadline) as scope:
+            await trio.lowlevel.wait_readable(sock)
+        if scope.cancelled_caught:
+            raise TimeoutError("the socket was not readable in time")

@@ -23,6 +23,7 @@ from .._errors import IPCProtocolError
 from .._policy import recycle_threshold
 from .._tally import Tally
 from ..apps import loading as _app
+from ..protocols.proxyproto import ForgedHeader, ProxyGate, ProxyProtocolError, Waits
 from ..protocols.state import ServerState
 
 log = logging.getLogger("trioherd.worker")
@@ -103,6 +104,37 @@ def socket_addresses(sock: socket.socket) -> tuple[Any, Any] | None:
     if isinstance(client, tuple):
         return client[:2], server[:2]
     return None, None  # a Unix socket has no client address
+
+
+def proxy_gate(state: ServerState, waits: Waits) -> ProxyGate | None:
+    """With --proxy-protocol, the worker's judge of PROXY headers (a refusal is a cut,
+    ``proxy_refused``); within --header-timeout a header must come, or the bytes that
+    show there is none."""
+    config = state.config
+    if not config.proxy_protocol:
+        return None
+
+    def refused(peer: tuple[str, int]) -> None:
+        state.cut("proxy_refused", peer)
+
+    return ProxyGate(config.proxy_protocol_allow_ips, config.header_timeout, refused, waits)
+
+
+async def client_addresses(sock: socket.socket, gate: ProxyGate | None) -> tuple[Any, Any] | None:
+    """As :func:`socket_addresses`, but with --proxy-protocol the client is the one the
+    PROXY header of an allowed peer names. None: close it."""
+    found = socket_addresses(sock)
+    if found is None or gate is None:
+        return found
+    client, server = found
+    try:
+        source = await gate.client(sock, client)
+    except ForgedHeader:
+        return None  # counted and logged as a cut
+    except (ProxyProtocolError, TimeoutError, OSError) as exc:
+        log.debug("closing a connection without a valid PROXY header: %s", exc or "timeout")
+        return None
+    return (source or client), server
 
 
 def init_runtime(fd: int) -> str:

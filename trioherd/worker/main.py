@@ -44,8 +44,7 @@ from .._log import capture_output, setup_logging
 from ..apps.asgi import ASGIAdapter
 from ..apps.native import NativeAdapter
 from ..protocols.http1 import Adapter, HTTPConnection
-from ..protocols.proxyproto import ForgedHeader, ProxyGate, ProxyProtocolError
-from ..protocols.rawstream import EdgeWaiter, RawSocketStream
+from ..protocols.rawstream import EdgeWaiter, RawSocketStream, TrioWaits
 from ..protocols.state import ServerState
 from . import aio as _aio
 from .base import (
@@ -54,8 +53,10 @@ from .base import (
     WorkerInfo,
     app_traceback,
     boot_failed,
+    client_addresses,
     current_worker,
     init_runtime,
+    proxy_gate,
     ready_message,
     set_parent_death_signal,
     socket_addresses,
@@ -407,10 +408,10 @@ def _adapter(app: Any, interface: str, state: ServerState) -> Adapter:
 def _stream_handler(app: Any, ssl_context: Any, state: ServerState) -> Handler:
     """A raw stream handler: the app gets the stream (after the TLS handshake, if any)."""
     config = state.config
-    gate = _proxy_gate(state)
+    gate = proxy_gate(state, TrioWaits())
 
     async def handle_stream(sock: socket.socket) -> None:
-        if await _addresses(sock, gate) is None:
+        if await client_addresses(sock, gate) is None:
             return
         plain = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         stream: trio.abc.Stream = plain
@@ -429,37 +430,6 @@ def _stream_handler(app: Any, ssl_context: Any, state: ServerState) -> Handler:
     return handle_stream
 
 
-def _proxy_gate(state: ServerState) -> ProxyGate | None:
-    """With --proxy-protocol, the worker's judge of PROXY headers (a refusal is a cut,
-    ``proxy_refused``); within --header-timeout a header must come, or the bytes that
-    show there is none."""
-    config = state.config
-    if not config.proxy_protocol:
-        return None
-
-    def refused(peer: tuple[str, int]) -> None:
-        state.cut("proxy_refused", peer)
-
-    return ProxyGate(config.proxy_protocol_allow_ips, config.header_timeout, refused)
-
-
-async def _addresses(sock: socket.socket, gate: ProxyGate | None) -> tuple[Any, Any] | None:
-    """As :func:`_socket_addresses`, but with --proxy-protocol the client is the one the
-    PROXY header of an allowed peer names. None: close it."""
-    found = socket_addresses(sock)
-    if found is None or gate is None:
-        return found
-    client, server = found
-    try:
-        source = await gate.client(sock, client)
-    except ForgedHeader:
-        return None  # counted and logged as a cut
-    except (ProxyProtocolError, trio.TooSlowError, OSError) as exc:
-        log.debug("closing a connection without a valid PROXY header: %s", exc or "timeout")
-        return None
-    return (source or client), server
-
-
 def _tls_handler(
     state: ServerState, adapter: Adapter, ssl_context: Any, connection: type[HTTPConnection]
 ) -> Handler:
@@ -467,10 +437,10 @@ def _tls_handler(
     socket (``protocols.tlsstream``), which the connection drives like a plain one."""
     from .._tls import secure
 
-    gate = _proxy_gate(state)
+    gate = proxy_gate(state, TrioWaits())
 
     async def handle_tls(sock: socket.socket) -> None:
-        addresses = await _addresses(sock, gate)  # a PROXY header comes before TLS
+        addresses = await client_addresses(sock, gate)  # a PROXY header comes before TLS
         if addresses is None:
             return
         secured = await secure(sock, ssl_context, state)
@@ -486,13 +456,13 @@ def _plain_handler(
     state: ServerState, adapter: Adapter, connection: type[HTTPConnection]
 ) -> Handler:
     """Plain HTTP over a raw non-blocking socket (see ``protocols.rawstream``)."""
-    gate = _proxy_gate(state)
+    gate = proxy_gate(state, TrioWaits())
 
     async def handle(sock: socket.socket) -> None:
         # (no coroutine for the addresses without a PROXY header to read: one per
         # connection is measurable)
         if gate is not None:
-            addresses = await _addresses(sock, gate)
+            addresses = await client_addresses(sock, gate)
         else:
             addresses = socket_addresses(sock)
         if addresses is None:
