@@ -289,26 +289,7 @@ def test_a_plain_def_app_is_refused_at_boot(cli_herd: Any) -> None:
     assert herd.stderr.count("plain function") == 1
 
 
-# -- asyncio-only apps ------------------------------------------------------------------
-
-
-async def test_django_and_quart_answer_with_asyncio() -> None:
-    async with (
-        open_test_herd("apps.django_app:app", workers=1, asyncio=True) as django,
-        open_test_herd("apps.quart_app:app", workers=1, asyncio=True) as quart,
-    ):
-        async with httpx.AsyncClient(timeout=30) as client:
-            reply = await client.get(django.url + "/")
-            assert reply.status_code == 200
-            assert reply.text == "hello from django on TrioEventLoop"
-            reply = await client.get(django.url + "/sync")  # in asgiref's own thread
-            assert (reply.status_code, reply.text) == (200, "sync view")
-            reply = await client.post(django.url + "/echo", content=b"x" * 100_000)
-            assert reply.status_code == 200 and reply.content == b"x" * 100_000
-            reply = await client.get(quart.url + "/")
-            assert (reply.status_code, reply.text) == (200, "hello from quart")
-            reply = await client.post(quart.url + "/echo", content=b"body")
-            assert (reply.status_code, reply.content) == (200, b"body")
+# -- asyncio apps without --asyncio (the asyncio runtime itself: tests/test_asyncio.py) ---
 
 
 def test_an_asyncio_app_without_the_flag_gets_one_hint(cli_herd: Any) -> None:
@@ -331,8 +312,7 @@ async def test_asyncio_at_lifespan_startup_boots_with_the_flag_and_hints_without
             pass  # pragma: no cover - never started
     assert "RuntimeError: no running event loop" in caught.value.text
     assert caught.value.text.rstrip().endswith(
-        "the app needs an asyncio event loop: serve it with --asyncio "
-        "(pip install 'trioherd[asyncio]')"
+        "the app needs an asyncio event loop: serve it with --asyncio"
     )
     async with open_test_herd(app, workers=1, asyncio=True) as herd:
         async with httpx.AsyncClient() as client:
