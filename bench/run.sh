@@ -16,6 +16,10 @@
 # certificate made for the run; bare trio+h11 has no TLS and sits them out),
 # BENCH_VENV (venv dir), BENCH_REINSTALL=1 (pip install again), BENCH_LOGDIR (logs),
 # RESULTS (markdown output, default bench/results-latest.md).
+# asyncio (issue 26): SERVERS trioherd-asyncio (--asyncio) and trioherd-asyncio-shared
+# (with --dispatch shared) run the asyncio runtime (uvloop, httptools) on any mode; MODES
+# aio-quart, aio-django and aio-fastapi serve bench/asyncio_apps.py's frameworks (2 workers,
+# keep-alive) with trioherd-asyncio*, uvicorn-httptools and granian (the others sit out).
 # WSGI (issue 27): MODES wsgi2 (Flask hello) and wsgiblock (a Flask view sleeping 10 ms)
 # serve bench/wsgi_app.py with SERVERS trioherd, gunicorn-gthread and granian-wsgi (the
 # ASGI-only servers sit them out); WSGI_THREADS (trioherd --threads; its default if unset),
@@ -45,11 +49,12 @@ is_int_in() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= $2 && $1 <= $3 )); }
 is_int_in "$DURATION" 1 600 || die "DURATION must be an integer number of seconds, 1..600"
 is_int_in "$ROUNDS" 1 50 || die "ROUNDS must be an integer, 1..50"
 for s in $SERVERS; do
-    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|trioherd-nobatch|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi|gunicorn24-asgi|gunicorn-gthread|granian-wsgi)$ ]] \
+    [[ $s =~ ^(trioherd|trioherd-h11|trioherd-shared|trioherd-nobatch|trioherd-asyncio|trioherd-asyncio-shared|hypercorn|uvicorn|bare|granian|uvicorn-httptools|gunicorn-asgi|gunicorn24-asgi|gunicorn-gthread|granian-wsgi)$ ]] \
         || die "unknown server in SERVERS: $s"
 done
 for m in $MODES; do
-    [[ $m =~ ^((tls-)?(ka2|close2|pinned1)|wsgi2|wsgiblock)$ ]] || die "unknown mode in MODES: $m"
+    [[ $m =~ ^((tls-)?(ka2|close2|pinned1)|wsgi2|wsgiblock|aio-(quart|django|fastapi))$ ]] \
+        || die "unknown mode in MODES: $m"
 done
 mkdir -p "$LOGDIR"
 RAW="$LOGDIR/runs.tsv"
@@ -233,6 +238,12 @@ setup_venv() {
         fi
         HAVE[$peer]=1
     done
+    # the asyncio modes' frameworks (Quart, Django, FastAPI), for every server
+    if [[ " $MODES " == *" aio-"* ]] && ! "$PY" -c "import quart, django, fastapi" 2>/dev/null; then
+        log "pip install quart django fastapi"
+        "${pip[@]}" quart django fastapi >"$LOGDIR/pip-aio.log" 2>&1 \
+            || die "could not install the asyncio frameworks (see $LOGDIR/pip-aio.log)"
+    fi
     # the WSGI modes' Flask views, for trioherd too
     if [[ " $MODES " == *" wsgi"* ]] && ! "$PY" -c "import flask" 2>/dev/null; then
         log "pip install flask"
@@ -290,6 +301,8 @@ PY
 declare -A SERVER_LABELS=([trioherd]="trioherd (--http auto: httptools)"
     [trioherd-h11]="trioherd --http h11" [trioherd-shared]="trioherd --dispatch shared"
     [trioherd-nobatch]="trioherd --no-batch-primary"
+    [trioherd-asyncio]="trioherd --asyncio (uvloop, httptools)"
+    [trioherd-asyncio-shared]="trioherd --asyncio --dispatch shared"
     [hypercorn]="hypercorn -k trio"
     [gunicorn-asgi]="gunicorn -k asgi (its Python parser, asyncio loop)"
     [gunicorn24-asgi]="gunicorn 24.0.0 -k asgi (issue 13's baseline, asyncio loop)"
@@ -315,6 +328,8 @@ server_cmd() {
                 trioherd-h11) extra=(--http h11) ;;
                 trioherd-shared) extra=(--dispatch shared) ;;
                 trioherd-nobatch) extra=(--no-batch-primary) ;;
+                trioherd-asyncio) extra=(--asyncio) ;;
+                trioherd-asyncio-shared) extra=(--asyncio --dispatch shared) ;;
             esac
             if [[ $APP == bench.wsgi_app:* && -n ${WSGI_THREADS:-} ]]; then
                 extra+=(--threads "$WSGI_THREADS")
@@ -343,11 +358,11 @@ server_cmd() {
                    --port "$port") ;;
         granian) CMD=("$VENV/bin/granian" --interface asgi --workers "$workers"
                       --host 127.0.0.1 --port "$port" --no-ws --log-level warning
-                      bench.hello_app:app) ;;
+                      "$APP") ;;
         uvicorn-httptools) CMD=("$PY" "$BENCH_DIR/uvicorn_nodelay.py" --http httptools
                                 --loop uvloop --workers "$workers" --host 127.0.0.1
                                 --port "$port" --no-access-log --log-level warning
-                                bench.hello_app:app) ;;
+                                "$APP") ;;
     esac
     CMD+=("${tls[@]}")
 }
@@ -369,17 +384,19 @@ run_one() {
         ka2) ;;
         close2) wrk_extra=(-H "Connection: close") ;;
         pinned1) workers=1; pin_server=(taskset -c 0); pin_wrk=(taskset -c 1) ;;
-        wsgi2 | wsgiblock) ;;
+        wsgi2 | wsgiblock | aio-*) ;;
     esac
     # the app of the mode; a server that cannot serve it sits the mode out (no row)
     APP=bench.hello_app:app
     case $mode in
         wsgi2) APP=bench.wsgi_app:hello ;;
         wsgiblock) APP=bench.wsgi_app:blocking ;;
+        aio-*) APP=bench.asyncio_apps:${mode#aio-}_app ;;
     esac
     case $mode:$server in
         wsgi*:trioherd | wsgi*:trioherd-h11 | wsgi*:gunicorn-gthread | wsgi*:granian-wsgi) ;;
-        wsgi*:* | *:gunicorn-gthread | *:granian-wsgi) return 0 ;;
+        aio-*:trioherd-asyncio* | aio-*:uvicorn-httptools | aio-*:granian) ;;
+        wsgi*:* | aio-*:* | *:gunicorn-gthread | *:granian-wsgi) return 0 ;;
     esac
     local tag="r$round-$mode-$server"
     local slog="$LOGDIR/$tag.server.log" wlog="$LOGDIR/$tag.wrk.txt"
@@ -556,6 +573,8 @@ labels = {
     "trioherd-h11": "trioherd --http h11",
     "trioherd-shared": "trioherd --dispatch shared",
     "trioherd-nobatch": "trioherd --no-batch-primary",
+    "trioherd-asyncio": "trioherd --asyncio (uvloop, httptools)",
+    "trioherd-asyncio-shared": "trioherd --asyncio --dispatch shared",
     "gunicorn-asgi": "gunicorn -k asgi (its Python parser, asyncio loop)",
     "gunicorn24-asgi": "gunicorn 24.0.0 -k asgi (issue 13's baseline, asyncio loop)",
     "hypercorn": "hypercorn -k trio",
@@ -572,6 +591,9 @@ mode_labels = {
     "pinned1": "1 worker pinned to CPU 0 (wrk on CPU 1), keep-alive",
     "wsgi2": "WSGI: Flask hello, 2 workers, keep-alive",
     "wsgiblock": "WSGI: Flask view blocking 10 ms, 2 workers, keep-alive",
+    "aio-quart": "asyncio: Quart hello, 2 workers, keep-alive",
+    "aio-django": "asyncio: Django async view hello, 2 workers, keep-alive",
+    "aio-fastapi": "asyncio: FastAPI awaiting asyncio.sleep(0), 2 workers, keep-alive",
 }
 for _mode, _label in list(mode_labels.items()):
     mode_labels["tls-" + _mode] = "HTTPS: " + _label
@@ -687,17 +709,34 @@ checks = [
     ("HTTPS per core keep-alive >= 1.2x uvicorn+httptools",
      ratio("tls-pinned1", "uvicorn-httptools"), 1.2),
     ("HTTPS per core keep-alive vs granian", ratio("tls-pinned1", "granian"), 0.0),
+    # issue 26: the asyncio runtime (granian's ratios are published, not targets)
+    *[
+        check
+        for mode in ("ka2", "aio-quart", "aio-django", "aio-fastapi")
+        for check in (
+            (f"--asyncio, {mode_labels[mode]} >= 1.0x uvicorn+httptools",
+             ratio(mode, "uvicorn-httptools", "trioherd-asyncio"), 1.0),
+            (f"--asyncio, {mode_labels[mode]} vs granian",
+             ratio(mode, "granian", "trioherd-asyncio"), 0.0),
+        )
+    ],
+    ("--asyncio --dispatch shared, new connection >= 1.0x uvicorn+httptools",
+     ratio("close2", "uvicorn-httptools", "trioherd-asyncio-shared"), 1.0),
 ]
 target_lines = []
 for name, value, goal in checks:
     if value is not None:
         verdict = "published" if not goal else "met" if value >= goal else "NOT met"
         target_lines.append(f"| {name} | {value:.2f}x | {verdict} |")
-# issue 25: the server's CPU per HTTPS request at most uvicorn+httptools'
-for mode in ("tls-pinned1", "tls-close2"):
-    ours, theirs = med("trioherd", mode, "cpureq"), med("uvicorn-httptools", mode, "cpureq")
+# issue 25: the server's CPU per HTTPS request at most uvicorn+httptools'; issue 26: the
+# asyncio runtime's per request at most uvicorn+httptools'
+for mode, ours_name in (("tls-pinned1", "trioherd"), ("tls-close2", "trioherd"),
+                        ("ka2", "trioherd-asyncio"), ("pinned1", "trioherd-asyncio"),
+                        ("aio-fastapi", "trioherd-asyncio")):
+    ours, theirs = med(ours_name, mode, "cpureq"), med("uvicorn-httptools", mode, "cpureq")
     if ours is not None and theirs is not None:
-        target_lines.append(f"| {mode_labels[mode]}: server CPU per request <= uvicorn+httptools' "
+        target_lines.append(f"| {mode_labels[mode]}: {labels[ours_name]}'s server CPU per "
+                            f"request <= uvicorn+httptools' "
                             f"({theirs:.1f} µs) | {ours:.1f} µs | "
                             f"{'met' if ours <= theirs else 'NOT met'} |")
 if cpu is not None:

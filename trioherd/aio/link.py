@@ -241,6 +241,10 @@ class AioLink(asyncio.Protocol):
             transport.abort()
             return
         self.interrupted = False
+        if not linger:  # the usual close: the kernel has everything already (send_final)
+            transport.close()
+            if not transport.get_write_buffer_size():
+                return
         try:
             async with asyncio.timeout(LINGER_SECONDS):
                 if linger and transport.can_write_eof():
