@@ -270,7 +270,9 @@ class H1Core:
             self.deadline = self.state.now() + self.state.config.header_timeout
         else:
             self.phase = IDLE
-            self.deadline = self.state.now() + self.state.idle_wait()
+            state = self.state  # Shared.idle_wait, written out: every request comes here
+            wait = state.drain_grace if state.draining else state.config.keep_alive_timeout
+            self.deadline = state.now() + wait
         return NEED_DATA
 
     def head_bytes(self, data: bytes) -> Any:

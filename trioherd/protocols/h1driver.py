@@ -319,8 +319,19 @@ class H1Driver(H1Core):
     async def _serve_requests(self) -> bool:
         """Serve requests until the connection ends; True if its close must linger: after
         an error answer, or with bytes of the client's we leave unread (see _close)."""
+        stream = self.stream
         while True:
-            event = await self._read_head()
+            # the next request (h11's Request, or a RequestHead another parser read), or at
+            # the end h11.ConnectionClosed or None (read here, not in a coroutine of its
+            # own: this is every request's path)
+            event = self.await_request()
+            if event is NEED_DATA:
+                # after a response on a raw socket, wait for the next request before reading
+                receive = stream.receive_next if self.served else stream.receive_some
+                while event is NEED_DATA:
+                    event = self.head_bytes(await receive(RECEIVE_SIZE))
+            else:  # pipelined: already here, but others go first
+                await self.yield_turn()
             if event is None or type(event) is h11.ConnectionClosed:
                 return False
             if not await self._serve_request(event):
@@ -337,21 +348,6 @@ class H1Driver(H1Core):
             end = self.next_request()
             if end is not None:
                 return end
-
-    async def _read_head(self) -> Any:
-        """The next request (h11's Request, or a RequestHead another parser read), or at the
-        end h11.ConnectionClosed or None."""
-        event = self.await_request()
-        if event is not NEED_DATA:  # pipelined: already here, but others go first
-            await self.yield_turn()
-            return event
-        # after a response on a raw socket, wait for the next request before reading
-        stream = self.stream
-        receive = stream.receive_next if self.served else stream.receive_some
-        while True:
-            event = self.head_bytes(bytes(await receive(RECEIVE_SIZE)))
-            if event is not NEED_DATA:
-                return event
 
     async def _serve_request(self, request: RequestHead) -> bool:
         """Run the app for one request; False if the connection must end at once."""

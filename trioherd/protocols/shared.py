@@ -170,6 +170,7 @@ class Shared(Protocol):
     config: Config
     stats: Stats
     draining: bool
+    drain_grace: float  # the idle wait during a drain (idle_wait)
     trusted: TrustedPeers
     worker_id: int
     on_request: Callable[[], None] | None
