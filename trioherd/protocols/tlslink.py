@@ -27,8 +27,9 @@ none; OpenSSL refuses a client's in 1.2). ``aclose`` closes the socket without a
 ``close_notify``; the polite close is :meth:`TLSSocketStream.send_close_notify`, which
 ``protocols.closing`` sends on every close of an HTTP connection.
 
-Bytes OpenSSL makes while it reads (a KeyUpdate's answer, a refusal of renegotiation) wait
-in the outgoing BIO and leave with the next answer, ahead of it, as TLS 1.3 allows.
+Bytes OpenSSL makes while it reads (a KeyUpdate's answer, a refusal of renegotiation) are
+sent at once, unless a send is under way (then they leave ahead of the next answer); the
+session tickets the handshake made wait for the first answer.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class TLSLink:
 
     __slots__ = (
         "_broken",
+        "_busy",
         "_edge_next",
         "_incoming",
         "_left",
@@ -109,6 +111,7 @@ class TLSLink:
         self._more = False  # plaintext may be ready without a read of the socket
         self._edge_next = False  # the next receive_some waits on the EdgeWaiter first
         self._broken = False  # a record went out in part: no close_notify can follow it
+        self._busy = False  # a send is under way (a WebSocket's writer, say)
         self._notified = False  # our close_notify is made: nothing can follow it
         self._left = b""  # what close_notify_nowait could not send at once
 
@@ -171,9 +174,13 @@ class TLSLink:
         """Plaintext, up to ``max_bytes``; b"" at the end (the client's close_notify, or
         its EOF without one: HTTP clients need not send it)."""
         size = max_bytes or RECEIVE_SIZE
+        outgoing = self._outgoing
         if self._more:
+            made = outgoing.pending
             data = self._decrypt(size)
             if data is not None:
+                if outgoing.pending > made:
+                    await self._answer()
                 await self.fair_turn()  # fairness: as a raw stream's
                 return data
         transport = self.transport_stream
@@ -186,7 +193,10 @@ class TLSLink:
             if not cipher:
                 return b""
             self._incoming.write(cipher)
+            made = outgoing.pending
             data = self._decrypt(size)
+            if outgoing.pending > made:
+                await self._answer()
             if data is not None:
                 return data
 
@@ -194,9 +204,13 @@ class TLSLink:
         """Like receive_some, but for the next request of a keep-alive connection: waits
         on the worker's EdgeWaiter (RawSocketStream.receive_next)."""
         size = max_bytes or RECEIVE_SIZE
+        outgoing = self._outgoing
         if self._more:
+            made = outgoing.pending
             data = self._decrypt(size)
             if data is not None:
+                if outgoing.pending > made:
+                    await self._answer()
                 await self.fair_turn()
                 return data
         transport = self.transport_stream
@@ -205,7 +219,10 @@ class TLSLink:
             if not cipher:
                 return b""
             self._incoming.write(cipher)
+            made = outgoing.pending
             data = self._decrypt(size)
+            if outgoing.pending > made:
+                await self._answer()
             if data is not None:
                 return data
 
@@ -298,11 +315,22 @@ class TLSLink:
             await self._sending(send, self._encrypt(view[start : start + PIECE]))
 
     async def _sending(self, send: Any, cipher: bytes) -> None:
+        self._busy = True
         try:
             await send(cipher)
         except BaseException:
             self._broken = True  # some of the record may have left: nothing may follow it
             raise
+        finally:
+            self._busy = False
+
+    async def _answer(self) -> None:
+        """Send what OpenSSL wrote as it read (not what the handshake left for the first
+        answer): its refusal of a client's renegotiation, a KeyUpdate's answer. The client
+        may be waiting for it (testssl.sh's renegotiation check is). If another task's send
+        is under way (a WebSocket's writer), it leaves ahead of the next answer instead."""
+        if not self._busy:
+            await self._sending(self.transport_stream.send_all, self._outgoing.read())
 
     # -- the end ----------------------------------------------------------------------------
 
