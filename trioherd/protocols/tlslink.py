@@ -320,9 +320,8 @@ class TLSLink:
             await send(cipher)
         except BaseException:
             self._broken = True  # some of the record may have left: nothing may follow it
-            raise
-        finally:
-            self._busy = False
+            raise  # (and nothing is sent after it: _busy may stay set)
+        self._busy = False
 
     async def _answer(self) -> None:
         """Send what OpenSSL wrote as it read (not what the handshake left for the first
