@@ -13,8 +13,9 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from trioherd import Request, Response
+from trioherd import Request
 from trioherd.apps.loading import Headers
+from trioherd.apps.native import response_parts
 
 ASGI = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -57,21 +58,10 @@ def asgi(native: Callable[[Request], Awaitable[Any]]) -> ASGI:
 
 async def respond(send: Any, response: Any) -> None:
     """Send a native answer (a Response, bytes or str) as ASGI messages."""
-    if not isinstance(response, Response):
-        response = Response(response)
-    raw = response.headers
-    items = raw.items() if isinstance(raw, dict) else raw
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in items]
-    body = response.body
-    content_type = response.content_type
-    if isinstance(body, str):
-        body = body.encode()
-        content_type = content_type or "text/plain; charset=utf-8"
-    if content_type:
-        headers.append((b"content-type", content_type.encode("latin-1")))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    if isinstance(body, bytes | bytearray | memoryview):
-        await send({"type": "http.response.body", "body": bytes(body)})
+    status, headers, body = response_parts(response)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if isinstance(body, bytes):
+        await send({"type": "http.response.body", "body": body})
         return
     async for chunk in body:
         if chunk:

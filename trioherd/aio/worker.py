@@ -174,13 +174,8 @@ class AioWorker(WorkerBase):
     # -- connections -------------------------------------------------------------------
 
     def start_connection(self, fd: int, family: int) -> None:
-        self.tally.count_open()
-        try:
-            # naming the family spares the three getsockopt calls of a bare fileno=
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-        except OSError:
-            _ipc.close_fds([fd])
-            self.connection_closed()
+        sock = self.adopt(fd, family)
+        if sock is None:
             return
         self.idle.clear()
         task = self.loop.create_task(self.run_connection(sock))

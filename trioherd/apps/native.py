@@ -36,27 +36,35 @@ class NativeAdapter:
         response = await self.app(make_request(http, request, upgrade))
         if upgrade is not None and upgrade.websocket is not None:
             return 101  # the app accepted the WebSocket: what it returned is not sent
-        if not isinstance(response, Response):
-            if isinstance(response, bytes | str):
-                response = Response(response)
-            else:
-                raise TypeError(f"app returned {response!r}, not a trioherd.Response")
-        raw = response.headers
-        items = raw.items() if isinstance(raw, dict) else raw
-        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in items]
-        body = response.body
-        content_type = response.content_type
-        if isinstance(body, str):
-            body = body.encode()
-            content_type = content_type or "text/plain; charset=utf-8"
-        if content_type:
-            headers.append((b"content-type", content_type.encode("latin-1")))
-        status = response.status
-        if isinstance(body, bytes | bytearray | memoryview):
-            await http.send_complete(status, headers, bytes(body))
+        status, headers, body = response_parts(response)
+        if isinstance(body, bytes):
+            await http.send_complete(status, headers, body)
         else:
             await _stream(http, status, headers, body)
         return status
+
+
+def response_parts(response: Any) -> tuple[int, Fields, bytes | AsyncIterable[bytes]]:
+    """What a native app returned (a Response, bytes or str) as status, header fields
+    (with its content type) and a body: bytes, or an async iterator of them."""
+    if not isinstance(response, Response):
+        if isinstance(response, bytes | str):
+            response = Response(response)
+        else:
+            raise TypeError(f"app returned {response!r}, not a trioherd.Response")
+    raw = response.headers
+    items = raw.items() if isinstance(raw, dict) else raw
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in items]
+    body = response.body
+    content_type = response.content_type
+    if isinstance(body, str):
+        body = body.encode()
+        content_type = content_type or "text/plain; charset=utf-8"
+    if content_type:
+        headers.append((b"content-type", content_type.encode("latin-1")))
+    if isinstance(body, bytearray | memoryview):
+        body = bytes(body)
+    return response.status, headers, body
 
 
 def make_request(http: HTTPConnection, request: Exchange, upgrade: Any = None) -> Request:

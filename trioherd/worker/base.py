@@ -218,6 +218,23 @@ class WorkerBase:
         """Send the next heartbeat now (the runtime's)."""
         raise NotImplementedError
 
+    def connection_closed(self) -> None:
+        """A connection is over (the runtime's: counted in the tally, and who waits for
+        room or for the end is told)."""
+        raise NotImplementedError
+
+    def adopt(self, fd: int, family: int) -> socket.socket | None:
+        """A connection's fd as a socket, counted open in the tally; None if it cannot be
+        (then it is closed and counted closed)."""
+        self.tally.count_open()
+        try:
+            # naming the family spares the three getsockopt calls of a bare fileno=
+            return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+        except OSError:
+            _ipc.close_fds([fd])
+            self.connection_closed()
+            return None
+
     def check_limit(self) -> None:
         served = self.state.stats.requests
         if served == recycle_threshold(self.request_limit):

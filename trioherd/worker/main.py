@@ -125,13 +125,8 @@ class Worker(WorkerBase):
 
     def start_connection(self, fd: int, family: int) -> None:
         assert self.conn_nursery is not None
-        self.tally.count_open()
-        try:
-            # naming the family spares the three getsockopt calls of a bare fileno=
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-        except OSError:
-            _ipc.close_fds([fd])
-            self.connection_closed()
+        sock = self.adopt(fd, family)
+        if sock is None:
             return
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         self.conn_nursery.start_soon(self.run_connection, sock)
