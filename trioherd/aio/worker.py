@@ -49,7 +49,6 @@ from .connection import AioConnection, AioWaits, connection_class, serve_connect
 
 log = logging.getLogger("trioherd.worker")
 
-PRIMARY_GONE_GRACE = 1.0
 ACCEPT_PAUSE = 0.05  # after an accept error that passes (out of fds)
 
 
@@ -73,9 +72,6 @@ class AioWorker(WorkerBase):
         self.tasks: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
-        self.draining = False
-        self.grace = 0.0
-        self.drain_deadline = 0.0
         self.drain_started = asyncio.Event()
         self.conns_done = asyncio.Event()
         self.beat_now = asyncio.Event()
@@ -252,12 +248,8 @@ class AioWorker(WorkerBase):
         """Finish the open connections, and the ones still queued for us, within
         ``grace``. ``announce``: the drain is our own idea (SIGTERM), so tell the
         primary, which stops passing connections and queues its end marker."""
-        if self.draining:
+        if not self.drain_starts(grace, self.loop.time()):
             return
-        self.draining = True
-        self.grace = PRIMARY_GONE_GRACE if grace is None else grace
-        self.drain_deadline = self.loop.time() + self.grace
-        self.state.start_draining()
         for listener in self.listeners:
             self.pause_accepting(listener)
             listener.close()

@@ -29,6 +29,8 @@ from ..protocols.state import ServerState
 log = logging.getLogger("trioherd.worker")
 
 EXIT_BOOT_ERROR = 3
+PRIMARY_GONE_GRACE = 1.0
+"""The drain's grace when the primary is gone (it can give none)."""
 DEMO_APPS = {False: "trioherd._demo:app", True: "trioherd._demo:asgi"}
 """What is served when no app is named: the native demo, or with ``--asyncio`` the same
 demo as an ASGI app."""
@@ -213,6 +215,9 @@ class WorkerBase:
         self.request_limit = int(init.get("limit", 0))
         if self.request_limit:
             self.state.on_request = self.check_limit
+        self.draining = False
+        self.grace = 0.0
+        self.drain_deadline = 0.0
 
     def beat_soon(self) -> None:
         """Send the next heartbeat now (the runtime's)."""
@@ -222,6 +227,18 @@ class WorkerBase:
         """A connection is over (the runtime's: counted in the tally, and who waits for
         room or for the end is told)."""
         raise NotImplementedError
+
+    def drain_starts(self, grace: float | None, now: float) -> bool:
+        """Whether a drain starts now (False: one is under way already): its grace (the
+        primary's; PRIMARY_GONE_GRACE when it is gone) and deadline are set, and the
+        connections told (``Connection: close`` from now on, idle ones close soon)."""
+        if self.draining:
+            return False
+        self.draining = True
+        self.grace = PRIMARY_GONE_GRACE if grace is None else grace
+        self.drain_deadline = now + self.grace
+        self.state.start_draining()
+        return True
 
     def adopt(self, fd: int, family: int) -> socket.socket | None:
         """A connection's fd as a socket, counted open in the tally; None if it cannot be

@@ -66,7 +66,6 @@ __all__ = ["EXIT_BOOT_ERROR", "WorkerInfo", "app_traceback", "current_worker", "
 
 log = logging.getLogger("trioherd.worker")
 
-PRIMARY_GONE_GRACE = 1.0
 
 Handler = Callable[[socket.socket], Awaitable[None]]
 """What each accepted socket is given to (see _make_handler)."""
@@ -108,8 +107,6 @@ class Worker(WorkerBase):
         self.closed_event = trio.Event()  # the shared accept loop waits on it when full
         self.idle = trio.Event()
         self.idle.set()
-        self.draining = False
-        self.drain_deadline = 0.0
         self.drain_started = trio.Event()
         self.conns_done = trio.Event()  # the end marker came: no connection follows
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](100)
@@ -231,12 +228,8 @@ class Worker(WorkerBase):
         """Finish the open connections, and the ones still queued for us, within
         ``grace``. ``announce``: the drain is our own idea (SIGTERM), so tell the
         primary, which stops passing connections and queues its end marker."""
-        if self.draining:
+        if not self.drain_starts(grace, trio.current_time()):
             return
-        self.draining = True
-        self.grace = PRIMARY_GONE_GRACE if grace is None else grace
-        self.drain_deadline = trio.current_time() + self.grace
-        self.state.start_draining()
         for listener in self.listeners:
             trio.lowlevel.notify_closing(listener)
             listener.close()
