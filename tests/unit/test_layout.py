@@ -191,6 +191,8 @@ CORES = (
     "protocols.framing",
     "protocols.ws_session",
     "protocols.ws_incoming",
+    "protocols.h2core",
+    "protocols.h2scan",
 )
 RUNTIMES = ("trio", "asyncio", "anyio", "trio_asyncio")
 
