@@ -22,7 +22,8 @@ does four things with it:
   app has read a piece of body: the client's windows are refilled only then, so a big
   body is paced by the app that reads it;
 - enforces :attr:`H2Core.deadline` (``phase`` IDLE: no stream open, the keep-alive timeout
-  or the drain's grace; HEAD: a header block begun and not ended, ``header_timeout``, not
+  or the drain's grace, from when the last stream ended: PINGs and
+  SETTINGS do not extend it; HEAD: a header block begun and not ended, ``header_timeout``, not
   reset by its CONTINUATION frames; APP: none) by calling :meth:`H2Core.expire`, and
   calls :meth:`H2Core.start_drain` when its worker drains (GOAWAY with error 0; the
   streams already open are served, later ones refused), closing once
