@@ -11,6 +11,7 @@ import json
 import httpx
 import pytest
 import trio
+from websockets.sync.client import connect as ws_connect
 
 from helpers import connect, open_herd, receive_all
 
@@ -108,3 +109,24 @@ async def test_access_log_json_and_counters_come_from_the_asyncio_worker(
     assert sorted((line["status"], line["path"] or "-") for line in access) == [
         (200, "/x?y=1")
     ] * 5 + [(400, "-")]
+
+
+async def test_an_asyncio_app_with_websockets_runs_on_the_trio_asyncio_bridge() -> None:
+    # the asyncio runtime serves no WebSockets yet: --loop trio-asyncio runs the app in a
+    # Trio worker through trio-asyncio, WebSockets included
+    async with open_herd(
+        app="apps.quart_app:app", workers=1, asyncio=True, loop="trio-asyncio"
+    ) as herd:
+        async with httpx.AsyncClient(timeout=30) as client:
+            reply = await client.get(herd.url + "/")
+            assert (reply.status_code, reply.text) == (200, "hello from quart")
+
+        def talk() -> list[str]:
+            with ws_connect(herd.url.replace("http://", "ws://") + "/ws") as socket:
+                answers = []
+                for word in ("one", "two"):
+                    socket.send(word)
+                    answers.append(str(socket.recv(timeout=30)))
+                return answers
+
+        assert await trio.to_thread.run_sync(talk) == ["echo one", "echo two"]

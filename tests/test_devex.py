@@ -130,6 +130,13 @@ def test_reload_and_uvloop_without_their_extras_exit_2_naming_the_extra() -> Non
     assert result.stderr == (
         "trioherd: error: --loop: uvloop is not installed: pip install 'trioherd[asyncio]'\n"
     )
+    result = run_trioherd(
+        "serve", "--asyncio", "--loop", "trio-asyncio", "--name", name, hide="trio_asyncio"
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "trioherd: error: --loop: trio-asyncio is not installed: pip install trio-asyncio\n"
+    )
     result = run_trioherd("serve", "--reload", "--reload-dir", "/no/such/dir", "--name", name)
     assert result.returncode == 2
     assert "--reload-dir: /no/such/dir: no such directory" in result.stderr

@@ -26,7 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 WS_MODES = ("auto", "wsproto", "none")
 HTTP_PARSERS = ("auto", "h11", "httptools")
-LOOPS = ("auto", "asyncio", "uvloop")
+LOOPS = ("auto", "asyncio", "uvloop", "trio-asyncio")
 DEFAULT_BIND = "127.0.0.1:8000"
 DEFAULT_THREADS = 32  # see docs/wsgi.md, "Threads": measured with blocking Flask views
 KINDS = ("int", "float", "str", "bool", "list", "intlist", "choice")
@@ -234,7 +234,8 @@ class AppOptions:
         metadata=option(
             "choice",
             "the event loop of --asyncio workers: uvloop (trioherd[asyncio]), asyncio's "
-            "own, or auto: uvloop when installed",
+            "own, or auto: uvloop when installed; trio-asyncio: the app in a Trio worker "
+            "through trio-asyncio, slower, for an asyncio app with WebSockets",
             choices=LOOPS,
         ),
     )

@@ -26,6 +26,7 @@ from .primary.herd import Herd
 from .primary.metrics import serve_metrics
 from .primary.systemd import Notifier
 from .worker import aio as _aio
+from .worker import bridge as _bridge
 
 log = logging.getLogger("trioherd.primary")
 
@@ -43,6 +44,7 @@ async def serve(
     _tls.check(config)
     _reload.check(config)  # --reload and --asyncio need their extras: exit 2 without them
     _aio.check(config)
+    _bridge.check(config)
     raise_open_files_limit()  # workers inherit it
     listeners = open_listeners(config)
     herd = Herd(config, Handoff(listeners, config))

@@ -152,7 +152,10 @@ def init_runtime(fd: int) -> str:
         return "trio"  # the runtime's own read reports it
     finally:
         sock.close()
-    return "asyncio" if isinstance(config, dict) and config.get("asyncio") else "trio"
+    if not isinstance(config, dict) or not config.get("asyncio"):
+        return "trio"
+    # --loop trio-asyncio: an asyncio app in a Trio worker (worker.bridge)
+    return "trio" if config.get("loop") == "trio-asyncio" else "asyncio"
 
 
 def ready_message(interface: str) -> bytes:

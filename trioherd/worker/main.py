@@ -47,6 +47,7 @@ from ..protocols.http1 import Adapter, HTTPConnection
 from ..protocols.rawstream import EdgeWaiter, RawSocketStream, TrioWaits
 from ..protocols.state import ServerState
 from . import aio as _aio
+from . import bridge as _bridge
 from .base import (
     EXIT_BOOT_ERROR,
     WorkerBase,
@@ -329,12 +330,14 @@ async def _main(fd: int, conn_fd: int) -> None:
         logging.getLogger("trioherd.access").setLevel(logging.INFO)
     try:
         app, interface = worker.load()
+        if _bridge.wanted(config):  # an asyncio app in a trio-asyncio loop
+            app = _bridge.wrap(app, interface)
     except ConfigError as exc:  # e.g. certificate files that broke since the primary checked
         _boot_failed(channel, f"trioherd: error: {exc}")
     except BaseException as exc:
         _boot_failed(channel, _aio.with_hint(app_traceback(exc), config))
 
-    async with trio.open_nursery() as nursery:
+    async with _bridge.loop(config), trio.open_nursery() as nursery:
         lifespan = None
         if interface == "asgi":
             from ..apps.lifespan import Lifespan
