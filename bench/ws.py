@@ -1,7 +1,8 @@
 """WebSocket benchmark: echo round trips per second and messages per second with many
-connections, trioherd (2 workers) against uvicorn (``--ws websockets`` and ``--ws
-wsproto``) and hypercorn (``-k trio``), all serving the same ASGI echo app (this module's
-``app``), in one session, interleaved, measured by one client (this module's, below).
+connections, trioherd (2 workers) against uvicorn (``--ws websockets``,
+``websockets-sansio`` and ``wsproto``, on uvloop) and hypercorn (``-k trio``), all
+serving the same ASGI echo app (this module's ``app``), in one session, interleaved,
+measured by one client (this module's, below).
 Traffic goes to 127.0.0.1 only; every run is bounded in time.
 
     python bench/ws.py                              # 5 s per run, 1 round
@@ -14,9 +15,11 @@ Modes (the client sends 32-byte text messages, masked, without compression):
 - ``stream``: 256 connections, 8 messages in flight on each: messages per second.
 
 Servers: ``trioherd`` (the ASGI app), ``trioherd-native`` (the same echo with trioherd's
-native API), ``uvicorn-websockets``, ``uvicorn-wsproto`` (both ``--http h11`` with
-TCP_NODELAY patched in, as bench/run.sh does: bench/uvicorn_nodelay.py) and
-``hypercorn`` (``-k trio``), each with 2 workers. Peers are installed into
+native API), ``uvicorn-websockets`` (the deprecated implementation),
+``uvicorn-websockets-sansio`` (uvicorn's current default) and ``uvicorn-wsproto`` (all with
+uvloop and httptools, as uvicorn[standard] runs, and TCP_NODELAY patched in, as
+bench/run.sh does: bench/uvicorn_nodelay.py) and ``hypercorn`` (``-k trio``), each with 2
+workers. Peers are installed into
 ``${BENCH_VENV:-/tmp/trioherd-bench-venv}`` (with this repository, ``pip install -e``),
 once; ``--reinstall`` installs them again. A peer that cannot be installed is skipped.
 
@@ -44,8 +47,16 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 MODES = {"rtt": (64, 1), "stream": (256, 8)}  # connections, messages in flight on each
-SERVERS = ("trioherd", "trioherd-native", "uvicorn-websockets", "uvicorn-wsproto", "hypercorn")
-PEER_PACKAGES = ["uvicorn", "websockets", "wsproto", "hypercorn"]
+SERVERS = (
+    "trioherd",
+    "trioherd-native",
+    "uvicorn-websockets",
+    "uvicorn-websockets-sansio",
+    "uvicorn-wsproto",
+    "hypercorn",
+)
+# uvicorn as its users run it (uvicorn[standard]): uvloop and httptools
+PEER_PACKAGES = ["uvicorn", "uvloop", "httptools", "websockets", "wsproto", "hypercorn"]
 SIZE = 32
 WARMUP = 1.0
 START_TIMEOUT = 20.0
@@ -248,10 +259,12 @@ def venv_python(venv: Path, reinstall: bool) -> tuple[Path, set[str]]:
             present = not subprocess.run([*pip, package], capture_output=True).returncode
         if present and package == "hypercorn":
             have.add("hypercorn")
-    if {"uvicorn", "websockets"} <= _installed(python):
-        have.add("uvicorn-websockets")
-    if {"uvicorn", "wsproto"} <= _installed(python):
-        have.add("uvicorn-wsproto")
+    installed = _installed(python)
+    if {"uvicorn", "uvloop", "httptools"} <= installed:
+        if "websockets" in installed:  # the legacy implementation and the sans-IO one
+            have.update(("uvicorn-websockets", "uvicorn-websockets-sansio"))
+        if "wsproto" in installed:
+            have.add("uvicorn-wsproto")
     return python, have
 
 
@@ -259,7 +272,8 @@ def _installed(python: Path) -> set[str]:
     """Which of uvicorn's WebSocket implementations the venv can import."""
     code = (
         "import importlib.util as u\n"
-        "print(*[n for n in ('uvicorn', 'websockets', 'wsproto') if u.find_spec(n)])"
+        "names = ('uvicorn', 'uvloop', 'httptools', 'websockets', 'wsproto')\n"
+        "print(*[n for n in names if u.find_spec(n)])"
     )
     result = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
     return set(result.stdout.split())
@@ -291,8 +305,10 @@ def server_command(name: str, python: Path, port: int) -> list[str]:
             "bench.ws:app",
             "--workers",
             "2",
+            "--loop",
+            "uvloop",
             "--http",
-            "h11",
+            "httptools",
             "--ws",
             name.partition("-")[2],
             "--host",
