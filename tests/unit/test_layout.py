@@ -192,6 +192,7 @@ CORES = (
     "protocols.ws_session",
     "protocols.ws_incoming",
     "protocols.h2core",
+    "protocols.h2events",
     "protocols.h2scan",
 )
 RUNTIMES = ("trio", "asyncio", "anyio", "trio_asyncio")
