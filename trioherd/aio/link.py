@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import Any
 
 from ..protocols.shared import SendWatch
@@ -263,12 +262,6 @@ class AioLink(asyncio.Protocol):
         except (TimeoutError, LinkClosed, OSError):
             pass
         transport.abort()  # what is left goes: the client had its time
-
-
-def open_socket(fd: int, family: int) -> socket.socket:
-    """The accepted connection ``fd`` as a socket object, without the getsockopt calls of
-    a bare ``fileno=``."""
-    return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
 
 
 class AioTLSLink(TLSLink):
