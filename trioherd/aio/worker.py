@@ -150,13 +150,7 @@ class AioWorker(WorkerBase):
             self.spawn(self.begin_drain())
 
     def handle(self, batch: list[tuple[bytes, list[int]]]) -> None:
-        for data, fds in batch:
-            _ipc.close_fds(fds)  # only the connection channel carries fds
-            try:
-                message = _ipc.decode(data)
-            except IPCProtocolError as exc:
-                log.error("bad message from primary: %s", exc)
-                continue
+        for message in self.messages(batch):
             if message["t"] == "disconnect":
                 self.spawn(self.begin_drain(float(message["grace"])))
             elif message["t"] == "msg":

@@ -231,6 +231,19 @@ class WorkerBase:
         room or for the end is told)."""
         raise NotImplementedError
 
+    def messages(self, batch: list[tuple[bytes, list[int]]]) -> list[dict[str, Any]]:
+        """The primary's messages in a batch from the control channel: any fds closed
+        (only the connection channel carries fds), a packet that does not decode logged
+        and left out."""
+        found = []
+        for data, fds in batch:
+            _ipc.close_fds(fds)
+            try:
+                found.append(_ipc.decode(data))
+            except IPCProtocolError as exc:
+                log.error("bad message from primary: %s", exc)
+        return found
+
     def drain_starts(self, grace: float | None, now: float) -> bool:
         """Whether a drain starts now (False: one is under way already): its grace (the
         primary's; PRIMARY_GONE_GRACE when it is gone) and deadline are set, and the

@@ -209,13 +209,7 @@ class Worker(WorkerBase):
                 log.warning("primary went away; stopping")
                 await self.begin_drain()
                 return
-            for data, fds in batch:
-                _ipc.close_fds(fds)  # only the connection channel carries fds
-                try:
-                    message = _ipc.decode(data)
-                except IPCProtocolError as exc:
-                    log.error("bad message from primary: %s", exc)
-                    continue
+            for message in self.messages(batch):
                 kind = message["t"]
                 if kind == "disconnect":
                     await self.begin_drain(float(message["grace"]))
